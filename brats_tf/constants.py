@@ -1,0 +1,38 @@
+"""Names and label conventions used everywhere in the library (METHOD §1).
+
+Defined once, as data: modalities and their canonical order, the internal label
+convention, the evaluation regions, and how each on-disk layout's label values map
+to the internal ones.
+"""
+
+# Canonical modality names, in the fixed order models expect them.
+MODALITIES = ("t1", "t1c", "t2", "flair")
+
+# Internal label convention.
+NON_TUMOR, NCR_NET, EDEMA, ENHANCING = 0, 1, 2, 3
+NUM_CLASSES = 4
+CLASS_NAMES = ("non-tumor", "ncr/net", "edema", "enhancing")
+
+# Evaluation regions as sets of internal labels; order is the BraTS table order.
+REGIONS = {
+    "WT": (NCR_NET, EDEMA, ENHANCING),
+    "TC": (NCR_NET, ENHANCING),
+    "ET": (ENHANCING,),
+}
+
+# On-disk label value -> internal label, per label convention.
+LABEL_MAPS = {
+    "brats2017": {0: 0, 1: 1, 2: 2, 4: 3},
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
+    "brats2013": {0: 0, 1: 1, 2: 2, 3: 1, 4: 3},
+    "msd": {0: 0, 1: 2, 2: 1, 3: 3},
+}
+
+# Internal label -> on-disk value when writing label maps.
+OUTPUT_LABEL_MAPS = {
+    "brats2017": {0: 0, 1: 1, 2: 2, 3: 4},
+    "brats2023": {0: 0, 1: 1, 2: 2, 3: 3},
+}
+
+# BraTS convention for HD95 when exactly one of prediction/reference is empty.
+HD95_ONE_EMPTY_MM = 373.13

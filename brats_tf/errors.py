@@ -1,0 +1,32 @@
+"""Errors for expected bad input, and the CLI wrapper that reports them in one line."""
+
+import sys
+
+
+class DataError(Exception):
+    """Bad input data (missing, corrupt or inconsistent files).
+
+    The message is one line that names the offending file and the problem.
+    """
+
+    def __init__(self, path, problem):
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+class ConfigError(Exception):
+    """A flag or config value that cannot be used; the message says which and why."""
+
+
+def run_main(main_fn):
+    """Wraps an absl main so expected errors print one line and exit 1, no traceback."""
+
+    def wrapped(argv):
+        try:
+            return main_fn(argv)
+        except (DataError, ConfigError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+
+    return wrapped
