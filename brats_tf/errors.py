@@ -23,6 +23,8 @@ def run_main(main_fn):
     """Wraps an absl main so expected errors print one line and exit 1, no traceback."""
 
     def wrapped(argv):
+        from absl import logging
+        logging.set_verbosity(logging.WARNING)  # library INFO chatter (tfds) is not for users
         try:
             return main_fn(argv)
         except (DataError, ConfigError) as err:
