@@ -1,0 +1,121 @@
+"""The 2D trainer: a kill -9 mid-run resumes to exactly the weights of an uninterrupted run;
+non-finite losses stop training; what a run writes to its work dir."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import keras
+import numpy as np
+import pytest
+
+from brats_tf.configs.train2d import get_config
+from brats_tf.errors import ConfigError
+from brats_tf.records.writer import build_records
+from brats_tf.training import Trainer, TrainingError
+from tests.conftest import REPO, write_brats2017_case
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    for i in range(4):
+        write_brats2017_case(root / "data", f"Case_{i}", shape=(24, 26, 20), seed=i, with_enhancing=i != 1)
+    build_records(root / "data", root / "records", verbose=False)
+    return root / "records"
+
+
+def _flags(records, iterations, checkpoint_every=4):
+    # A 2-iteration plateau period and a demanding decrease ratio make the LR schedule
+    # halve during the run, so its restored state matters.
+    return [f"--config.data.records_dir={records}", f"--config.train.iterations={iterations}",
+            f"--config.train.checkpoint_every={checkpoint_every}", "--config.train.val_every=4",
+            "--config.data.batch_size=4", "--config.optim.period=2", "--config.optim.decrease_ratio=0.01",
+            "--config.deterministic=True",
+            "--config.data.num_val_cases=1"]
+
+
+def _train(workdir, flags):
+    return subprocess.Popen([sys.executable, "-m", "brats_tf.train", f"--workdir={workdir}", *flags],
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _weights(workdir):
+    return [np.asarray(w) for w in keras.models.load_model(workdir / "model.keras").get_weights()]
+
+
+def test_kill9_then_rerun_matches_uninterrupted_run(records, tmp_path):
+    flags = _flags(records, iterations=8)
+    reference = _train(tmp_path / "reference", flags)
+    out, err = reference.communicate(timeout=600)
+    assert reference.returncode == 0, err[-2000:]
+
+    killed = _train(tmp_path / "run", flags)
+    first_ckpt = tmp_path / "run" / "checkpoints" / "ckpt-00000004" / "state.json"
+    deadline = time.time() + 300
+    while not first_ckpt.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.communicate()
+    assert killed.returncode == -signal.SIGKILL
+    assert not (tmp_path / "run" / "model.keras").exists()
+    state = json.loads(first_ckpt.read_text())
+    assert state["iteration"] == 4 and state["schedule"]["iteration"] == 4
+
+    resumed = _train(tmp_path / "run", flags)
+    out, err = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, err[-2000:]
+    assert "trained 8 iterations" in out
+    for got, want in zip(_weights(tmp_path / "run"), _weights(tmp_path / "reference")):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    with open(tmp_path / "run" / "train_log.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["iteration"]) for r in rows] == list(range(1, 9))   # each iteration once
+    with open(tmp_path / "reference" / "train_log.csv") as f:
+        ref_rows = list(csv.DictReader(f))
+    np.testing.assert_allclose([float(r["loss"]) for r in rows], [float(r["loss"]) for r in ref_rows],
+                               rtol=1e-4)
+    assert [r["learning_rate"] for r in rows] == [r["learning_rate"] for r in ref_rows]
+    assert len({r["learning_rate"] for r in rows}) > 1     # the schedule did act
+
+
+def test_work_dir_contents_and_config_guard(records, tmp_path):
+    config = get_config("small")
+    config.data.records_dir = str(records)
+    config.train.iterations = 2
+    config.train.checkpoint_every = 1
+    config.train.val_every = 2
+    config.data.batch_size = 4
+    result = Trainer(config, tmp_path).run()
+    assert result["iterations"] == 2
+    assert set(result["validation"]) == {"val_dice_ncr_net", "val_dice_edema", "val_dice_enhancing"}
+    names = set(os.listdir(tmp_path))
+    assert {"config.json", "split.json", "model.keras", "model_info.json", "train_log.csv",
+            "tensorboard", "checkpoints"} <= names
+    assert os.listdir(tmp_path / "tensorboard")
+    assert json.loads((tmp_path / "config.json").read_text())["data"]["records_dir"] == str(records)
+    info = json.loads((tmp_path / "model_info.json").read_text())
+    assert info["kind"] == "model1" and info["orientation"] == "axial" and info["pooling_factor"] >= 1
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert not set(split["train"]) & set(split["val"]) and len(split["val"]) == 2
+    # Re-running with another config in the same work dir is refused.
+    config.model.kind = "model2"
+    with pytest.raises(ConfigError, match="another config"):
+        Trainer(config, tmp_path).run()
+
+
+def test_non_finite_loss_stops_training(records, tmp_path):
+    config = get_config("small")
+    config.data.records_dir = str(records)
+    config.optim.learning_rate = 1e38        # the first update overflows the weights
+    config.optim.min_learning_rate = 1e-3
+    config.optim.accumulation_steps = 1
+    config.train.iterations = 5
+    config.data.batch_size = 4
+    with pytest.raises(TrainingError, match="non-finite loss"):
+        Trainer(config, tmp_path).run()
+    assert not (tmp_path / "model.keras").exists()
