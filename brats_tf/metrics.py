@@ -1,0 +1,384 @@
+"""Per-case segmentation metrics per region (METHOD §7), in NumPy/SciPy on hard labels.
+
+Conventions (BraTS), defined here once:
+- Dice = 2|P∩R| / (|P|+|R|); 1 when both P and R are empty, 0 when exactly one is.
+- HD95 (mm) follows MedPy's `medpy.metric.binary.hd95`: surface voxels are the mask
+  minus its erosion by the 6-connected structure; distances go from every surface
+  voxel of each mask to the nearest surface voxel of the other (Euclidean, with the
+  voxel spacing); HD95 is the 95th percentile (linear interpolation) of the pooled
+  distances of both directions. 0 when both masks are empty, 373.13 when exactly one is.
+- Sensitivity = |P∩R| / |R|; 1 when R is empty (nothing to miss; a false positive
+  shows in Dice and specificity instead).
+- Specificity = TN / (TN + FP) over the **whole volume**, background outside the brain
+  included, as BraTS computes it; 1 when the reference covers the whole volume.
+
+Then: the evaluation CSV (BraTS online-evaluation format) and its summary rows; and
+the evaluation of files and folders, pairing predictions with references by case id,
+in parallel over cases (`run_evaluation` is `python -m brats_tf.evaluate`).
+"""
+
+import csv
+import io
+import math
+import multiprocessing
+import os
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+from tqdm import tqdm
+
+from brats_tf.constants import HD95_ONE_EMPTY_MM, LABEL_MAPS, REGIONS
+from brats_tf.errors import ConfigError, DataError
+from brats_tf.io.cases import discover_cases, map_labels
+from brats_tf.io.nifti import atomic_write, load_volume
+
+METRICS = ("Dice", "Sensitivity", "Specificity", "Hausdorff95")
+CSV_REGIONS = ("ET", "WT", "TC")     # region order of the BraTS evaluation CSV
+COLUMNS = tuple(f"{metric}_{region}" for metric in METRICS for region in CSV_REGIONS)
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+# Surface voxels are found with the same structure as MedPy's default (connectivity 1).
+_SURFACE_STRUCTURE = ndimage.generate_binary_structure(3, 1)
+
+
+def region_mask(labels, region):
+    """Boolean mask of a region ("WT", "TC", "ET") of an internal-convention label map."""
+    return np.isin(labels, REGIONS[region])
+
+
+def dice(pred, ref):
+    pred_size, ref_size = int(np.count_nonzero(pred)), int(np.count_nonzero(ref))
+    if pred_size + ref_size == 0:
+        return 1.0
+    return 2.0 * int(np.count_nonzero(pred & ref)) / (pred_size + ref_size)
+
+
+def sensitivity(pred, ref):
+    ref_size = int(np.count_nonzero(ref))
+    if ref_size == 0:
+        return 1.0
+    return int(np.count_nonzero(pred & ref)) / ref_size
+
+
+def specificity(pred, ref):
+    negatives = ref.size - int(np.count_nonzero(ref))
+    if negatives == 0:
+        return 1.0
+    false_positives = int(np.count_nonzero(pred & ~ref))
+    return (negatives - false_positives) / negatives
+
+
+def hd95(pred, ref, spacing=(1.0, 1.0, 1.0)):
+    """95th-percentile symmetric surface distance in mm (MedPy's definition)."""
+    pred_any, ref_any = bool(pred.any()), bool(ref.any())
+    if not pred_any and not ref_any:
+        return 0.0
+    if pred_any != ref_any:
+        return HD95_ONE_EMPTY_MM
+    distances = surface_distances(pred, ref, spacing)
+    return float(np.percentile(np.concatenate(distances), 95))
+
+
+def surface_distances(a, b, spacing=(1.0, 1.0, 1.0)):
+    """Distances (mm) from a's surface voxels to b's surface, and from b's to a's.
+
+    Works on the union bounding box of both masks, which is what makes it fast on
+    240x240x155 volumes, with the same result as on the full grid: every surface voxel
+    lies in the box, so the distance transforms there are exact; and a mask voxel on
+    the box's edge has its outward neighbour outside both masks, so it is a surface
+    voxel either way (the erosion treats outside the array as background).
+    """
+    box = _union_box(a, b)
+    a, b = a[box], b[box]
+    a_surface = a & ~ndimage.binary_erosion(a, structure=_SURFACE_STRUCTURE)
+    b_surface = b & ~ndimage.binary_erosion(b, structure=_SURFACE_STRUCTURE)
+    spacing = tuple(float(s) for s in spacing)
+    to_b = ndimage.distance_transform_edt(~b_surface, sampling=spacing)[a_surface]
+    to_a = ndimage.distance_transform_edt(~a_surface, sampling=spacing)[b_surface]
+    return to_b, to_a
+
+
+def case_metrics(pred_labels, ref_labels, spacing=(1.0, 1.0, 1.0)):
+    """All metrics of one case: {"Dice_ET": ..., "Hausdorff95_TC": ...} (the CSV columns).
+
+    pred_labels and ref_labels are internal-convention label maps on the same grid;
+    spacing is the voxel size in mm along each axis.
+    """
+    if pred_labels.shape != ref_labels.shape:
+        raise ValueError(f"prediction shape {pred_labels.shape} differs from reference {ref_labels.shape}")
+    row = {}
+    for region in CSV_REGIONS:
+        pred, ref = region_mask(pred_labels, region), region_mask(ref_labels, region)
+        row[f"Dice_{region}"] = dice(pred, ref)
+        row[f"Sensitivity_{region}"] = sensitivity(pred, ref)
+        row[f"Specificity_{region}"] = specificity(pred, ref)
+        row[f"Hausdorff95_{region}"] = hd95(pred, ref, spacing)
+    return {column: row[column] for column in COLUMNS}
+
+
+def _union_box(a, b, margin=0):
+    """Slices of the bounding box of a | b grown by `margin`, clipped to the grid."""
+    union = a | b
+    box = []
+    for axis in range(union.ndim):
+        other_axes = tuple(i for i in range(union.ndim) if i != axis)
+        present = np.flatnonzero(union.any(axis=other_axes))
+        start = max(int(present[0]) - margin, 0)
+        stop = min(int(present[-1]) + 1 + margin, union.shape[axis])
+        box.append(slice(start, stop))
+    return tuple(box)
+
+
+# ---------------------------------------------------------------------------------
+# The evaluation CSV (BraTS online-evaluation format): `Label` (the case id) and the
+# COLUMNS, one row per case, then the summary rows. StdDev is the sample standard
+# deviation (ddof=1; NaN for a single case); quantiles use linear interpolation.
+
+SUMMARY_LABELS = ("Mean", "StdDev", "Median", "25quantile", "75quantile")
+
+
+def summary_rows(rows, columns=COLUMNS):
+    """The five summary rows (Mean, StdDev, Median, 25quantile, 75quantile) of per-case rows."""
+    summaries = {label: {"Label": label} for label in SUMMARY_LABELS}
+    for column in columns:
+        values = np.array([row[column] for row in rows], dtype=np.float64)
+        stats = _distribution(values)
+        for label in SUMMARY_LABELS:
+            summaries[label][column] = stats[label]
+    return [summaries[label] for label in SUMMARY_LABELS]
+
+
+def _distribution(values):
+    if values.size == 0:
+        return {label: math.nan for label in SUMMARY_LABELS}
+    q25, median, q75 = np.percentile(values, [25, 50, 75])
+    std = float(np.std(values, ddof=1)) if values.size > 1 else math.nan
+    return {"Mean": float(np.mean(values)), "StdDev": std, "Median": float(median),
+            "25quantile": float(q25), "75quantile": float(q75)}
+
+
+def write_evaluation_csv(path, rows, columns=COLUMNS):
+    """Writes per-case rows and their summary rows, atomically."""
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(("Label",) + tuple(columns))
+    for row in list(rows) + summary_rows(rows, columns):
+        writer.writerow([row["Label"]] + [format_number(row[c]) for c in columns])
+
+    def write(tmp_path):
+        with open(tmp_path, "w", newline="") as f:
+            f.write(text.getvalue())
+
+    atomic_write(path, write)
+
+
+def read_evaluation_csv(path):
+    """Reads an evaluation CSV: (per-case rows, {summary label: row}).
+
+    Rows are dicts {"Label": case_id, column: float}; summary rows (Mean, StdDev, ...)
+    are kept apart so they never enter per-case statistics. Any numeric columns are
+    accepted (other tools add their own); duplicate or empty case ids are errors.
+    """
+    try:
+        with open(path, newline="") as f:
+            records = list(csv.reader(f))
+    except OSError as err:
+        raise DataError(path, f"cannot read evaluation CSV ({err.strerror})") from None
+    if not records or not records[0] or records[0][0].strip() != "Label":
+        raise DataError(path, "not an evaluation CSV: the first column of the header must be 'Label'")
+    header = [h.strip() for h in records[0]]
+    rows, summary, seen = [], {}, set()
+    for line_number, record in enumerate(records[1:], start=2):
+        if not any(cell.strip() for cell in record):
+            continue
+        if len(record) != len(header):
+            raise DataError(path, f"line {line_number}: {len(record)} fields, header has {len(header)}")
+        row = {"Label": record[0].strip()}
+        for name, cell in zip(header[1:], record[1:]):
+            row[name] = _parse_number(cell, path, line_number, name)
+        if not row["Label"]:
+            raise DataError(path, f"line {line_number}: empty case id")
+        if row["Label"] in SUMMARY_LABELS:
+            summary[row["Label"]] = row
+        elif row["Label"] in seen:
+            raise DataError(path, f"line {line_number}: case {row['Label']} appears twice")
+        else:
+            seen.add(row["Label"])
+            rows.append(row)
+    return rows, summary
+
+
+def format_number(value):
+    value = float(value)
+    return "nan" if math.isnan(value) else format(value, ".10g")
+
+
+def _parse_number(cell, path, line_number, column):
+    try:
+        return float(cell)
+    except ValueError:
+        raise DataError(path, f"line {line_number}: {column} value {cell!r} is not a number") from None
+
+
+# ---------------------------------------------------------------------------------
+# Evaluating files and folders: pairing predictions with references by case id.
+
+@dataclass(frozen=True)
+class Pair:
+    case_id: str
+    pred_path: str
+    ref_path: str
+    ref_label_map: dict
+
+
+@dataclass
+class Evaluation:
+    rows: list                      # per case, sorted by id: {"Label": case_id, column: value}
+    predictions_without_reference: list = field(default_factory=list)   # (case_id, path)
+    references_without_prediction: list = field(default_factory=list)   # (case_id, path)
+
+
+def run_evaluation(out_csv, pred=None, ref=None, pred_dir=None, ref_dir=None, layout="auto", layout_file=None,
+                   pred_convention="brats2017", ref_convention="brats2017", workers=2, allow_missing=False,
+                   progress=True, log=None):
+    """What `python -m brats_tf.evaluate` does: evaluate a file pair or two folders, write the CSV.
+
+    Unmatched cases are reported one line each to `log` (default: stderr); unless
+    allow_missing, any unmatched case is a DataError and no CSV is written.
+    """
+    files, dirs = (pred, ref), (pred_dir, ref_dir)
+    if not ((None not in files and dirs == (None, None)) or (None not in dirs and files == (None, None))):
+        raise ConfigError("pass either --pred and --ref, or --pred_dir and --ref_dir")
+    log = log or (lambda line: print(line, file=sys.stderr))
+    if pred is not None:
+        evaluation = Evaluation(rows=[evaluate_files(pred, ref, pred_convention, ref_convention)])
+    else:
+        evaluation = evaluate_dirs(pred_dir, ref_dir, layout, layout_file, pred_convention, ref_convention,
+                                   workers, progress, evaluate_matched=allow_missing)
+    for case_id, path in evaluation.predictions_without_reference:
+        log(f"prediction without reference: {case_id} ({path})")
+    for case_id, path in evaluation.references_without_prediction:
+        log(f"reference without prediction: {case_id} ({path})")
+    unmatched = len(evaluation.predictions_without_reference) + len(evaluation.references_without_prediction)
+    if unmatched and not allow_missing:
+        raise DataError(pred_dir, f"{unmatched} case(s) without a counterpart (listed above); "
+                                  "pass --allow_missing to evaluate the matched cases")
+    if not evaluation.rows:
+        raise DataError(pred_dir, "no prediction has a reference: nothing to evaluate")
+    write_evaluation_csv(out_csv, evaluation.rows)
+    return evaluation
+
+
+def evaluate_files(pred_path, ref_path, pred_convention="brats2017", ref_convention="brats2017"):
+    """Metrics row of one prediction file against one reference file."""
+    case_id = case_id_from_filename(pred_path)
+    pair = Pair(case_id, os.fspath(pred_path), os.fspath(ref_path), dict(LABEL_MAPS[ref_convention]))
+    return _evaluate_pair(pair, LABEL_MAPS[pred_convention])
+
+
+def evaluate_dirs(pred_dir, ref_dir, layout="auto", layout_file=None, pred_convention="brats2017",
+                  ref_convention="brats2017", workers=2, progress=True, evaluate_matched=True):
+    """Evaluates every prediction in pred_dir that has a reference in ref_dir.
+
+    References come from `discover_cases` (any supported layout, or a layout file);
+    layout "flat" reads a folder of label files named like the predictions, in
+    `ref_convention`. Unmatched files on either side are listed in the result, not
+    dropped silently; with evaluate_matched=False and any unmatched, nothing is
+    evaluated (the caller is going to refuse anyway).
+    """
+    predictions = find_predictions(pred_dir)
+    references = find_references(ref_dir, layout, layout_file, ref_convention)
+    pairs = [Pair(cid, predictions[cid], *references[cid]) for cid in sorted(predictions) if cid in references]
+    pred_only = [(cid, predictions[cid]) for cid in sorted(predictions) if cid not in references]
+    ref_only = [(cid, references[cid][0]) for cid in sorted(references) if cid not in predictions]
+    rows = []
+    if evaluate_matched or not (pred_only or ref_only):
+        rows = evaluate_pairs(pairs, LABEL_MAPS[pred_convention], workers, progress)
+    return Evaluation(rows, pred_only, ref_only)
+
+
+def evaluate_pairs(pairs, pred_label_map, workers=2, progress=True):
+    """Metric rows of (prediction, reference) pairs, in parallel processes, sorted by case id.
+
+    The first case that fails stops the run (its DataError is raised, pending cases
+    are cancelled).
+    """
+    jobs = [(pair, pred_label_map) for pair in pairs]
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        # spawn: the parent may hold TensorFlow threads, which fork does not survive safely.
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+    outcomes = pool.map(_evaluate_job, jobs) if pool else map(_evaluate_job, jobs)
+    rows = []
+    try:
+        # disable=None: tqdm shows the bar only when stderr is a terminal.
+        for outcome in tqdm(outcomes, total=len(jobs), desc="evaluate", unit="case",
+                            disable=None if progress else True):
+            if outcome[0] == "error":            # DataError does not pickle; rebuilt here
+                raise DataError(outcome[1], outcome[2])
+            rows.append(outcome[1])
+    finally:
+        if pool:
+            pool.shutdown(cancel_futures=True)
+    return sorted(rows, key=lambda row: row["Label"])
+
+
+def find_predictions(pred_dir):
+    """{case_id: path} of `<case_id>_seg.nii[.gz]` or `<case_id>.nii[.gz]` files in a folder."""
+    pred_dir = os.fspath(pred_dir)
+    if not os.path.isdir(pred_dir):
+        raise DataError(pred_dir, "prediction directory not found")
+    found = {}
+    for name in sorted(os.listdir(pred_dir)):
+        path = os.path.join(pred_dir, name)
+        if name.startswith(".") or not name.endswith(NIFTI_SUFFIXES) or not os.path.isfile(path):
+            continue
+        case_id = case_id_from_filename(name)
+        if case_id in found:
+            raise DataError(path, f"second file for case {case_id} (also {os.path.basename(found[case_id])})")
+        found[case_id] = path
+    if not found:
+        raise DataError(pred_dir, "no NIfTI predictions (<case_id>_seg.nii.gz or <case_id>.nii.gz) found")
+    return found
+
+
+def find_references(ref_dir, layout="auto", layout_file=None, ref_convention="brats2017"):
+    """{case_id: (label path, label map)} of the cases in ref_dir that have a label file."""
+    if layout == "flat" and not layout_file:
+        return {cid: (path, dict(LABEL_MAPS[ref_convention])) for cid, path in find_predictions(ref_dir).items()}
+    cases = discover_cases(ref_dir, layout, layout_file)
+    return {case.case_id: (case.label.path, dict(case.label_map)) for case in cases if case.label is not None}
+
+
+def case_id_from_filename(path):
+    name = os.path.basename(os.fspath(path))
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            name = name[:-len(suffix)]
+            break
+    return name[:-len("_seg")] if name.endswith("_seg") else name
+
+
+def _evaluate_job(job):
+    """Worker entry point: ("ok", row) or ("error", path, problem)."""
+    pair, pred_label_map = job
+    try:
+        return ("ok", _evaluate_pair(pair, pred_label_map))
+    except DataError as err:
+        return ("error", err.path, err.problem)
+
+
+def _evaluate_pair(pair, pred_label_map):
+    ref_raw, ref_geometry = load_volume(pair.ref_path)
+    pred_raw, pred_geometry = load_volume(pair.pred_path)
+    if pred_geometry.shape != ref_geometry.shape:
+        raise DataError(pair.pred_path, f"shape {pred_geometry.shape} differs from reference "
+                                        f"{os.path.basename(pair.ref_path)} {ref_geometry.shape}")
+    if not np.allclose(pred_geometry.affine, ref_geometry.affine, atol=1e-3):
+        raise DataError(pair.pred_path, f"affine differs from reference {os.path.basename(pair.ref_path)}")
+    pred = map_labels(pred_raw, pred_label_map, pair.pred_path)
+    ref = map_labels(ref_raw, pair.ref_label_map, pair.ref_path)
+    return {"Label": pair.case_id, **case_metrics(pred, ref, ref_geometry.spacing)}
