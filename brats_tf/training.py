@@ -159,33 +159,6 @@ class Trainer:
                 unet2d.load_subnetwork_weights(model, keras.models.load_model(_model_file(path.strip())))
         return model
 
-    # --- the step ------------------------------------------------------------------------------
-    def _make_train_step(self):
-        model, optimizer, strategy = self.model, self.optimizer, self.strategy
-        # A pretraining subnetwork has one head (its auxiliary one): it gets the whole loss.
-        names = list(model.output_names) if self.model_spec["subnetwork"] is None else ["main"]
-        weights = losses.deep_supervision_weights(names, self.config.loss.main_weight)
-        loss_fn = losses.weighted_cross_entropy(tuple(self.config.loss.target_weights))
-        self.head_names = names
-
-        def replica_step(x, y):
-            with tf.GradientTape() as tape:
-                outputs = model(x, training=True)
-                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
-                head = {n: loss_fn(y, o) for n, o in zip(names, outputs)}
-                total = tf.add_n([weights[n] * head[n] for n in names])
-            grads = tape.gradient(total, model.trainable_variables)
-            optimizer.apply_gradients(zip(grads, model.trainable_variables))
-            return {"loss": total, **{f"loss_{n}": v for n, v in head.items()}}
-
-        @tf.function(jit_compile=self.config.train.jit_compile)
-        def train_step(x, y):
-            per_replica = strategy.run(replica_step, args=(x, y))
-            # Keras losses are already scaled by 1/replicas: the sum is the global-batch loss.
-            return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
-
-        return train_step
-
     # --- the loop ------------------------------------------------------------------------------
     def run(self):
         self._setup()
@@ -200,7 +173,9 @@ class Trainer:
         log = TrainLog(self.workdir, iteration, self.chief)
         if iteration >= c.train.iterations:
             return self._finish(iteration, log)
-        train_step = self._make_train_step()
+        train_step = build_train_step(self.model, self.optimizer, self.strategy, c.loss,
+                                      single_head=self.model_spec["subnetwork"] is not None,
+                                      jit_compile=c.train.jit_compile)
         steps = c.optim.accumulation_steps
         data = self.strategy.experimental_distribute_dataset(self.sampler.dataset(first_batch=batch))
         progbar = keras.utils.Progbar(c.train.iterations, stateful_metrics=["loss", "lr"]) if self.chief else None
@@ -270,6 +245,33 @@ class Trainer:
             export_model(self.model, self.workdir, dict(self.model_spec, iterations=iteration,
                                                         final_validation=final))
         return {"iterations": iteration, "workdir": self.workdir, "validation": final}
+
+
+def build_train_step(model, optimizer, strategy, loss_config, single_head=False, jit_compile=False):
+    """A compiled step: forward-backward on one global batch, then `optimizer.apply_gradients`
+    (which accumulates, and updates every N-th batch). Returns global-batch losses per head."""
+    # A pretraining subnetwork has one head (its auxiliary one): it gets the whole loss.
+    names = ["main"] if single_head else list(model.output_names)
+    weights = losses.deep_supervision_weights(names, loss_config.main_weight)
+    loss_fn = losses.weighted_cross_entropy(tuple(loss_config.target_weights))
+
+    def replica_step(x, y):
+        with tf.GradientTape() as tape:
+            outputs = model(x, training=True)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            head = {n: loss_fn(y, o) for n, o in zip(names, outputs)}
+            total = tf.add_n([weights[n] * head[n] for n in names])
+        grads = tape.gradient(total, model.trainable_variables)
+        optimizer.apply_gradients(zip(grads, model.trainable_variables))
+        return {"loss": total, **{f"loss_{n}": v for n, v in head.items()}}
+
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x, y):
+        per_replica = strategy.run(replica_step, args=(x, y))
+        # Keras losses are already scaled by 1/replicas: the sum is the global-batch loss.
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    return train_step
 
 
 def _raise_interrupt(signum, frame):

@@ -1,0 +1,125 @@
+"""2D-stage benchmarks, printing JSON lines (warm-up excluded):
+
+  slice_pipeline   slices/s the tf.data slice sampler delivers
+  train_consumption slices/s a real train step consumes (same slice size, small preset)
+  accumulation     one N-batch iteration vs N plain forward-backward passes (overhead %)
+  peak_rss         peak resident memory of a paper-scale 2D model 1 training step
+
+    python bench/bench_2d.py [--slice_size 160] [--paper_slice_size 240] [--skip_paper]
+"""
+
+import argparse
+import json
+import resource
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from brats_tf import losses
+from brats_tf.configs.train2d import get_config
+from brats_tf.models import unet2d
+from brats_tf.optim import NormalizedMomentum
+from brats_tf.preprocess import PreparedCase
+from brats_tf.records.slices import SliceSampler
+from brats_tf.training import build_train_step
+
+
+def fake_cases(n, size, depth, channels=4, seed=0):
+    """Cropped-case-like volumes with nested tumor blobs (content irrelevant to speed)."""
+    rng = np.random.default_rng(seed)
+    cases = []
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in (size, size, depth)], indexing="ij"), -1)
+    for i in range(n):
+        center = rng.uniform([size * 0.3] * 2 + [depth * 0.3], [size * 0.7] * 2 + [depth * 0.7])
+        r = np.linalg.norm(grid - center, axis=-1)
+        label = np.select([r < 4, r < 8, r < 14], [1, 3, 2], 0).astype(np.uint8)
+        image = rng.normal(size=(size, size, depth, channels)).astype(np.float16)
+        cases.append(PreparedCase(f"c{i}", image, label, np.ones(label.shape, bool), None, ()))
+    return cases
+
+
+def emit(**record):
+    print(json.dumps(record), flush=True)
+
+
+def time_calls(fn, count, warmup=2):
+    for _ in range(warmup):
+        fn()
+    start = time.perf_counter()
+    for _ in range(count):
+        fn()
+    return (time.perf_counter() - start) / count
+
+
+def bench_pipeline_vs_training(size, batch_size, preset):
+    cases = fake_cases(6, size, 96)
+    factor = unet2d.pooling_factor("model1", preset)
+    sampler = SliceSampler(cases, "axial", batch_size, multiple=factor)
+    iterator = iter(sampler.dataset())
+    seconds = time_calls(lambda: next(iterator), 30)
+    emit(bench="slice_pipeline", slice_shape=list(sampler.slice_shape), batch_size=batch_size,
+         slices_per_s=round(batch_size / seconds, 1))
+    model = unet2d.build_2d_model_1(4, preset)
+    optimizer = NormalizedMomentum(0.25, accumulation_steps=1)
+    config = get_config("small")
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), config.loss)
+    x, y = (tf.constant(a) for a in sampler.batch(0))
+    seconds = time_calls(lambda: step(x, y)["loss"].numpy(), 10)
+    emit(bench="train_consumption", model="model1", preset=preset, slice_shape=list(sampler.slice_shape),
+         batch_size=batch_size, slices_per_s=round(batch_size / seconds, 1), step_s=round(seconds, 4))
+
+
+def bench_accumulation(size, batch_size, preset, n):
+    cases = fake_cases(3, size, 64)
+    sampler = SliceSampler(cases, "axial", batch_size, multiple=unet2d.pooling_factor("model1", preset))
+    x, y = (tf.constant(a) for a in sampler.batch(0))
+    model = unet2d.build_2d_model_1(4, preset)
+    config = get_config("small")
+    optimizer = NormalizedMomentum(0.25, accumulation_steps=n)
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), config.loss)
+
+    @tf.function
+    def forward_backward(x, y):   # the same loss, gradients only: no optimizer at all
+        with tf.GradientTape() as tape:
+            loss = losses.deep_supervision_loss(y, model(x, training=True))
+        grads = tape.gradient(loss, model.trainable_variables)
+        return tf.add_n([tf.reduce_sum(g) for g in grads])   # forces every gradient, returns a scalar
+
+    plain = time_calls(lambda: forward_backward(x, y).numpy(), 3 * n)
+    iteration = time_calls(lambda: [step(x, y)["loss"].numpy() for _ in range(n)], 3)
+    emit(bench="accumulation", preset=preset, batch_size=batch_size, N=n, slice=size,
+         iteration_s=round(iteration, 4), n_forward_backward_s=round(n * plain, 4),
+         overhead_pct=round(100 * (iteration - n * plain) / (n * plain), 2))
+
+
+def bench_paper_step(size, batch_size):
+    model = unet2d.build_2d_model_1(4, "paper")
+    optimizer = NormalizedMomentum(0.25, accumulation_steps=10)
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), get_config("paper").loss)
+    x = tf.random.normal((batch_size, size, size, 4))
+    y = tf.random.uniform((batch_size, size, size), 0, 4, dtype=tf.int32)
+    seconds = time_calls(lambda: step(x, y)["loss"].numpy(), 2, warmup=1)
+    emit(bench="paper_step", model="model1", preset="paper", params=int(model.count_params()),
+         slice=size, batch_size=batch_size, step_s=round(seconds, 2),
+         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--slice_size", type=int, default=160)
+    parser.add_argument("--batch_size", type=int, default=8)
+    parser.add_argument("--paper_slice_size", type=int, default=240)
+    parser.add_argument("--paper_batch_size", type=int, default=10)
+    parser.add_argument("--skip_paper", action="store_true")
+    args = parser.parse_args()
+    emit(bench="env", tf=tf.__version__, cpus=len(tf.config.list_physical_devices("CPU")),
+         threads=tf.config.threading.get_inter_op_parallelism_threads())
+    bench_pipeline_vs_training(args.slice_size, args.batch_size, "small")
+    bench_accumulation(args.slice_size, args.batch_size, "small", n=10)
+    if not args.skip_paper:
+        bench_paper_step(args.paper_slice_size, args.paper_batch_size)
+
+
+if __name__ == "__main__":
+    main()
