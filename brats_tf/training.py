@@ -168,8 +168,8 @@ class Trainer:
             self.schedule.set_state(state["schedule"])
         pending = list(state.get("pending_losses", []))
         self.optimizer.learning_rate = self.schedule.learning_rate
-        iteration = int(self.optimizer.iterations)
-        batch = int(self.optimizer.batches_seen)
+        iteration = _to_int(self.optimizer.iterations)
+        batch = _to_int(self.optimizer.batches_seen)
         log = TrainLog(self.workdir, iteration, self.chief)
         if iteration >= c.train.iterations:
             return self._finish(iteration, log)
@@ -222,7 +222,7 @@ class Trainer:
     def _checkpoint(self, iteration, pending, log):
         log.flush()
         state = {"schedule": self.schedule.get_state(), "pending_losses": pending,
-                 "batches_seen": int(self.optimizer.batches_seen)}
+                 "batches_seen": _to_int(self.optimizer.batches_seen)}
         self.store.save(iteration, self.model, self.optimizer, state, write=self.chief)
 
     def validate(self):
@@ -272,6 +272,11 @@ def build_train_step(model, optimizer, strategy, loss_config, single_head=False,
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
     return train_step
+
+
+def _to_int(value):
+    """A scalar Keras/TF variable (mirrored ones included) as a Python int."""
+    return int(keras.ops.convert_to_numpy(value))
 
 
 def _raise_interrupt(signum, frame):

@@ -119,3 +119,64 @@ def test_non_finite_loss_stops_training(records, tmp_path):
     with pytest.raises(TrainingError, match="non-finite loss"):
         Trainer(config, tmp_path).run()
     assert not (tmp_path / "model.keras").exists()
+
+
+def test_subnetwork_pretraining_feeds_the_full_model(tmp_path):
+    data = tmp_path / "data"
+    for i in range(4):
+        write_brats2017_case(data, f"Case_{i}", shape=(24, 26, 20), seed=i)
+    (data / "Case_3" / "Case_3_t1.nii.gz").unlink()          # one case lacks T1
+    build_records(data, tmp_path / "records", allow_missing_modalities=True, verbose=False)
+
+    config = get_config("small")
+    config.data.records_dir = str(tmp_path / "records")
+    config.data.batch_size = 4
+    config.data.val_cases = ["Case_0"]
+    config.train.iterations = 2
+    config.train.subnetwork = "t1"
+    sub_trainer = Trainer(config, tmp_path / "sub_t1")
+    sub_trainer.run()
+    # Pretrained only on the cases that have T1, on the T1 channel alone.
+    assert [c.case_id for c in sub_trainer.train_cases] == ["Case_1", "Case_2"]
+    assert sub_trainer.train_cases[0].image.shape[-1] == 1
+    sub_model = keras.models.load_model(tmp_path / "sub_t1" / "model.keras")
+
+    full = get_config("small")
+    full.data.records_dir = str(tmp_path / "records")
+    full.data.val_cases = ["Case_0"]
+    full.train.iterations = 0
+    full.train.pretrained_subnetworks = str(tmp_path / "sub_t1")
+    Trainer(full, tmp_path / "full").run()
+    model = keras.models.load_model(tmp_path / "full" / "model.keras")
+    for layer in sub_model.layers:
+        for got, want in zip(model.get_layer(layer.name).get_weights(), layer.get_weights()):
+            np.testing.assert_array_equal(got, want)
+    # The T1c subnetwork is untouched by the T1 pretraining (still at its fresh init).
+    fresh = keras.models.load_model(tmp_path / "full" / "model.keras").get_layer("sub_t1c.conv0.conv")
+    assert not np.array_equal(fresh.get_weights()[0][..., :1, :1],
+                              sub_model.get_layer("sub_t1.conv0.conv").get_weights()[0][..., :1, :1])
+
+
+MIRRORED_SCRIPT = """
+import sys, tensorflow as tf
+cpu = tf.config.list_physical_devices("CPU")[0]
+tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+from brats_tf.configs.train2d import get_config
+from brats_tf.training import Trainer
+c = get_config("small")
+c.data.records_dir, c.train.strategy, c.train.iterations = sys.argv[1], "mirrored", 3
+c.data.batch_size, c.train.val_every = 2, 3
+t = Trainer(c, sys.argv[2])
+r = t.run()
+assert t.strategy.num_replicas_in_sync == 2, t.strategy.num_replicas_in_sync
+assert t.sampler.batch_size == 4
+print("OK", r["iterations"])
+"""
+
+
+def test_mirrored_strategy_trains_on_two_logical_devices(records, tmp_path):
+    result = subprocess.run([sys.executable, "-c", MIRRORED_SCRIPT, str(records), str(tmp_path)],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OK 3" in result.stdout
+    assert (tmp_path / "model.keras").exists()
