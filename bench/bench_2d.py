@@ -39,6 +39,12 @@ def fake_cases(n, size, depth, channels=4, seed=0):
     return cases
 
 
+def _heads(model, config):
+    names = list(model.output_names)
+    return (names, losses.deep_supervision_weights(names, config.loss.main_weight),
+            losses.weighted_cross_entropy(tuple(config.loss.target_weights)))
+
+
 def emit(**record):
     print(json.dumps(record), flush=True)
 
@@ -63,7 +69,7 @@ def bench_pipeline_vs_training(size, batch_size, preset):
     model = unet2d.build_2d_model_1(4, preset)
     optimizer = NormalizedMomentum(0.25, accumulation_steps=1)
     config = get_config("small")
-    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), config.loss)
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), *_heads(model, config))
     x, y = (tf.constant(a) for a in sampler.batch(0))
     seconds = time_calls(lambda: step(x, y)["loss"].numpy(), 10)
     emit(bench="train_consumption", model="model1", preset=preset, slice_shape=list(sampler.slice_shape),
@@ -77,7 +83,7 @@ def bench_accumulation(size, batch_size, preset, n):
     model = unet2d.build_2d_model_1(4, preset)
     config = get_config("small")
     optimizer = NormalizedMomentum(0.25, accumulation_steps=n)
-    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), config.loss)
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), *_heads(model, config))
 
     @tf.function
     def forward_backward(x, y):   # the same loss, gradients only: no optimizer at all
@@ -96,7 +102,7 @@ def bench_accumulation(size, batch_size, preset, n):
 def bench_paper_step(size, batch_size):
     model = unet2d.build_2d_model_1(4, "paper")
     optimizer = NormalizedMomentum(0.25, accumulation_steps=10)
-    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), get_config("paper").loss)
+    step = build_train_step(model, optimizer, tf.distribute.get_strategy(), *_heads(model, get_config("paper")))
     x = tf.random.normal((batch_size, size, size, 4))
     y = tf.random.uniform((batch_size, size, size), 0, 4, dtype=tf.int32)
     seconds = time_calls(lambda: step(x, y)["loss"].numpy(), 2, warmup=1)

@@ -131,3 +131,19 @@ class PlateauHalvingCallback(keras.callbacks.Callback):
     def set_state(self, state):
         self.schedule.set_state(state["schedule"])
         self.pending_losses = [float(x) for x in state["pending_losses"]]
+
+
+class ConstantRate:
+    """A fixed learning rate with the schedule interface (for optimizers like Adam)."""
+
+    def __init__(self, learning_rate):
+        self.learning_rate = float(learning_rate)
+
+    def update(self, iteration_loss):
+        return self.learning_rate
+
+    def get_state(self):
+        return {"learning_rate": self.learning_rate}
+
+    def set_state(self, state):
+        self.learning_rate = float(state["learning_rate"])

@@ -12,7 +12,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from brats_tf.errors import run_main
-from brats_tf.training import Trainer, TrainingError
+from brats_tf.trainer2d import Trainer2D
+from brats_tf.training import TrainingError
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "brats_tf/configs/train2d.py:small", "Config preset file:preset.",
@@ -23,7 +24,7 @@ flags.DEFINE_string("workdir", None, "Work dir (resumes when it holds checkpoint
 def main(argv):
     del argv
     try:
-        result = Trainer(FLAGS.config, FLAGS.workdir).run()
+        result = Trainer2D(FLAGS.config, FLAGS.workdir).run()
     except TrainingError as err:
         raise SystemExit(f"error: {err}")
     val = ", ".join(f"{k} {v:.3f}" for k, v in result["validation"].items())

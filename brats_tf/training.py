@@ -1,4 +1,9 @@
-"""The trainer for 2D models (and, later, 3D): a custom loop under any tf.distribute strategy.
+"""The trainer: a custom loop under any tf.distribute strategy, shared by every stage.
+
+`Trainer` owns the loop, checkpoints, logs, the LR schedule and the export; a stage
+subclass (`trainer2d.Trainer2D`, ...) says what to train on and what to build through a
+few hooks: `load_data`, `make_sampler`, `build_model`, `predict_labels` (and optionally
+`loss_heads`, `make_optimizer`).
 
 Why a custom loop rather than `model.fit`: Keras 3 `fit` fails under
 MultiWorkerMirroredStrategy out of the box (KERAS3_NOTES), and the paper's schedule needs
@@ -21,16 +26,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import inference, losses, metrics
+from brats_tf import losses, metrics
 from brats_tf.checkpoints import CheckpointStore
 from brats_tf.constants import CLASS_NAMES, NUM_CLASSES
 from brats_tf.errors import ConfigError
 from brats_tf.io.nifti import atomic_write
-from brats_tf.models import unet2d
 from brats_tf.optim import NormalizedMomentum
 from brats_tf.records import reader
 from brats_tf.schedules import PlateauHalving
-from brats_tf.training_data import case_split, load_cases, make_sampler
+from brats_tf.training_data import case_split
 
 STRATEGIES = ("off", "mirrored", "multi_worker", "tpu")
 VAL_COLUMNS = tuple(f"val_dice_{name.replace('/', '_').replace('-', '_')}" for name in CLASS_NAMES[1:])
@@ -88,11 +92,41 @@ def record_config(workdir, config):
 
 
 class Trainer:
-    """Trains one 2D model (or one pretraining subnetwork) as its config says, in `workdir`."""
+    """Trains one model as its config says, in `workdir`; subclasses supply the stage hooks."""
 
     def __init__(self, config, workdir):
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.chief = True
+
+    # --- stage hooks ---------------------------------------------------------------------------
+    def load_data(self, manifest):
+        """Sets self.train_cases, self.val_cases and self.model_spec (a JSON-able dict)."""
+        raise NotImplementedError
+
+    def make_sampler(self, global_batch_size):
+        """An object with `.dataset(first_batch)` yielding (x, y) global batches."""
+        raise NotImplementedError
+
+    def build_model(self):
+        raise NotImplementedError
+
+    def predict_labels(self, case):
+        """Label map (internal convention) of a validation case from the model being trained."""
+        raise NotImplementedError
+
+    def loss_heads(self):
+        """(head names in model-output order, {name: weight}, loss_fn): deep supervision by default."""
+        names = list(self.model.output_names)
+        weights = losses.deep_supervision_weights(names, self.config.loss.main_weight)
+        return names, weights, losses.weighted_cross_entropy(tuple(self.config.loss.target_weights))
+
+    def make_optimizer(self):
+        c = self.config.optim
+        return NormalizedMomentum(c.learning_rate, c.momentum, c.accumulation_steps, c.epsilon)
+
+    def make_schedule(self):
+        c = self.config.optim
+        return PlateauHalving(c.learning_rate, c.min_learning_rate, c.period, c.decrease_ratio)
 
     # --- setup -------------------------------------------------------------------------------
     def _setup(self):
@@ -109,55 +143,14 @@ class Trainer:
             record_config(self.workdir, c)
         manifest = reader.load_manifest(c.data.records_dir)
         self.split = case_split(self.workdir, manifest, c)
-        self.modalities, channels = self._input_modalities(manifest)
-        self.model_spec = self._model_spec()
-        needs_all_present = c.train.subnetwork is not None
-        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels, needs_all_present)
-        self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels, needs_all_present)
-        self.sampler = make_sampler(self.train_cases, c, self.model_spec["pooling_factor"],
-                                    c.data.batch_size * self.strategy.num_replicas_in_sync)
+        self.load_data(manifest)
+        self.sampler = self.make_sampler(c.data.batch_size * self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
-            self.model = self._build_model()
-            self.optimizer = NormalizedMomentum(c.optim.learning_rate, c.optim.momentum,
-                                                c.optim.accumulation_steps, c.optim.epsilon)
+            self.model = self.build_model()
+            self.optimizer = self.make_optimizer()
             self.optimizer.build(self.model.trainable_variables)
-        self.schedule = PlateauHalving(c.optim.learning_rate, c.optim.min_learning_rate,
-                                       c.optim.period, c.optim.decrease_ratio)
+        self.schedule = self.make_schedule()
         self.store = CheckpointStore(os.path.join(self.workdir, "checkpoints"), c.train.keep_checkpoints)
-
-    def _input_modalities(self, manifest):
-        """Modalities the model sees (and their record channels)."""
-        stored = manifest["modalities"]
-        wanted = list(self.config.data.modalities or stored)
-        missing = [m for m in wanted if m not in stored]
-        if missing:
-            raise ConfigError(f"data.modalities {missing} are not in the records ({stored})")
-        sub = self.config.train.subnetwork
-        if sub is not None and sub != unet2d.ALL:
-            if sub not in wanted:
-                raise ConfigError(f"train.subnetwork={sub!r} is not among the modalities {wanted}")
-            return wanted, [stored.index(sub)]
-        return wanted, [stored.index(m) for m in wanted]
-
-    def _model_spec(self):
-        c = self.config
-        kind = c.model.kind
-        if kind not in unet2d.KINDS:
-            raise ConfigError(f"model.kind={kind!r}: use one of {unet2d.KINDS}")
-        return {"kind": kind, "preset": c.model.preset, "modalities": list(self.modalities),
-                "orientation": c.data.orientation, "subnetwork": c.train.subnetwork,
-                "pooling_factor": unet2d.pooling_factor(kind, c.model.preset)}
-
-    def _build_model(self):
-        spec = self.model_spec
-        if spec["subnetwork"] is not None:
-            return unet2d.build_subnetwork_model(spec["subnetwork"], spec["modalities"], spec["kind"],
-                                                 spec["preset"])
-        model = unet2d.build_2d_model(spec["kind"], spec["modalities"], spec["preset"])
-        for path in (self.config.train.pretrained_subnetworks or "").split(","):
-            if path.strip():   # overwritten by a checkpoint when resuming, as it should be
-                unet2d.load_subnetwork_weights(model, keras.models.load_model(_model_file(path.strip())))
-        return model
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self):
@@ -169,14 +162,13 @@ class Trainer:
         pending = list(state.get("pending_losses", []))
         self.optimizer.learning_rate = self.schedule.learning_rate
         iteration = _to_int(self.optimizer.iterations)
-        batch = _to_int(self.optimizer.batches_seen)
+        batch = _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))
         log = TrainLog(self.workdir, iteration, self.chief)
         if iteration >= c.train.iterations:
             return self._finish(iteration, log)
-        train_step = build_train_step(self.model, self.optimizer, self.strategy, c.loss,
-                                      single_head=self.model_spec["subnetwork"] is not None,
+        train_step = build_train_step(self.model, self.optimizer, self.strategy, *self.loss_heads(),
                                       jit_compile=c.train.jit_compile)
-        steps = c.optim.accumulation_steps
+        steps = getattr(self.optimizer, "accumulation_steps", 1)
         data = self.strategy.experimental_distribute_dataset(self.sampler.dataset(first_batch=batch))
         progbar = keras.utils.Progbar(c.train.iterations, stateful_metrics=["loss", "lr"]) if self.chief else None
         if progbar and iteration:
@@ -222,21 +214,21 @@ class Trainer:
     def _checkpoint(self, iteration, pending, log):
         log.flush()
         state = {"schedule": self.schedule.get_state(), "pending_losses": pending,
-                 "batches_seen": _to_int(self.optimizer.batches_seen)}
+                 "batches_seen": _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))}
         self.store.save(iteration, self.model, self.optimizer, state, write=self.chief)
 
     def validate(self):
-        """Mean per-class Dice (classes 1-3) of the main output over the validation cases."""
+        """Mean per-class Dice (classes 1..C-1) over the validation cases."""
         if not self.val_cases:
             return {}
-        predictor = unet2d.inference_model(self.model) if self.model_spec["subnetwork"] is None else self.model
-        scores = np.zeros((len(self.val_cases), NUM_CLASSES - 1))
+        num_classes = self.model_spec.get("num_classes", NUM_CLASSES)
+        names = VAL_COLUMNS if num_classes == NUM_CLASSES else [f"val_dice_class{c}" for c in range(1, num_classes)]
+        scores = np.zeros((len(self.val_cases), num_classes - 1))
         for i, case in enumerate(self.val_cases):
-            labels = inference.predict_2d_labels(predictor, case.image, self.config.data.orientation,
-                                                 self.model_spec["pooling_factor"])
-            for c in range(1, NUM_CLASSES):
+            labels = self.predict_labels(case)
+            for c in range(1, num_classes):
                 scores[i, c - 1] = metrics.dice(labels == c, case.label == c)
-        return dict(zip(VAL_COLUMNS, scores.mean(axis=0).tolist()))
+        return dict(zip(names, scores.mean(axis=0).tolist()))
 
     def _finish(self, iteration, log):
         final = self.validate() if self.val_cases else {}
@@ -247,13 +239,11 @@ class Trainer:
         return {"iterations": iteration, "workdir": self.workdir, "validation": final}
 
 
-def build_train_step(model, optimizer, strategy, loss_config, single_head=False, jit_compile=False):
+def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_compile=False):
     """A compiled step: forward-backward on one global batch, then `optimizer.apply_gradients`
-    (which accumulates, and updates every N-th batch). Returns global-batch losses per head."""
-    # A pretraining subnetwork has one head (its auxiliary one): it gets the whole loss.
-    names = ["main"] if single_head else list(model.output_names)
-    weights = losses.deep_supervision_weights(names, loss_config.main_weight)
-    loss_fn = losses.weighted_cross_entropy(tuple(loss_config.target_weights))
+    (NormalizedMomentum accumulates, and updates every N-th batch). `names` are the model's
+    outputs in order, `weights` their loss coefficients. Returns global-batch losses per head;
+    the regularization losses of the model (L2) are added to the total."""
 
     def replica_step(x, y):
         with tf.GradientTape() as tape:
@@ -261,6 +251,8 @@ def build_train_step(model, optimizer, strategy, loss_config, single_head=False,
             outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
             head = {n: loss_fn(y, o) for n, o in zip(names, outputs)}
             total = tf.add_n([weights[n] * head[n] for n in names])
+            if model.losses:   # per replica: scale like the Keras losses above
+                total += tf.add_n(model.losses) / strategy.num_replicas_in_sync
         grads = tape.gradient(total, model.trainable_variables)
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return {"loss": total, **{f"loss_{n}": v for n, v in head.items()}}
@@ -281,10 +273,6 @@ def _to_int(value):
 
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
-
-
-def _model_file(path):
-    return os.path.join(path, "model.keras") if os.path.isdir(path) else path
 
 
 def export_model(model, workdir, info):

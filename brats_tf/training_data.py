@@ -1,4 +1,4 @@
-"""What the 2D trainer trains on: the case split, cases read from records, the slice sampler."""
+"""What a trainer trains on: the seeded case split and cases read from records."""
 
 import json
 import os
@@ -8,7 +8,6 @@ import numpy as np
 from brats_tf.errors import ConfigError
 from brats_tf.io.nifti import atomic_write
 from brats_tf.records import reader
-from brats_tf.records.slices import SliceSampler
 
 
 def case_split(workdir, manifest, config):
@@ -59,10 +58,3 @@ def load_cases(records_dir, case_ids, channels=None, require_channels_present=Fa
             prepared.modalities = tuple(prepared.modalities[i] for i in channels)
         cases.append(prepared)
     return cases
-
-
-def make_sampler(cases, config, multiple, global_batch_size):
-    if not cases:
-        raise ConfigError("no training cases (after filtering by modality)")
-    return SliceSampler(cases, config.data.orientation, global_batch_size, seed=config.seed,
-                        multiple=multiple, tumor_fraction=config.data.tumor_fraction)

@@ -1,0 +1,77 @@
+"""The 2D stage's trainer: modality-specific 2D models on full slices of one orientation,
+and the pretraining of one subnetwork alone (missing-sequence experiment)."""
+
+import os
+
+import keras
+
+from brats_tf import inference, losses
+from brats_tf.errors import ConfigError
+from brats_tf.models import unet2d
+from brats_tf.records.slices import SliceSampler
+from brats_tf.training import Trainer
+from brats_tf.training_data import load_cases
+
+
+class Trainer2D(Trainer):
+
+    def load_data(self, manifest):
+        c = self.config
+        modalities, channels = self._input_modalities(manifest)
+        kind = c.model.kind
+        if kind not in unet2d.KINDS:
+            raise ConfigError(f"model.kind={kind!r}: use one of {unet2d.KINDS}")
+        self.model_spec = {"stage": "2d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
+                           "orientation": c.data.orientation, "subnetwork": c.train.subnetwork,
+                           "pooling_factor": unet2d.pooling_factor(kind, c.model.preset)}
+        # A subnetwork is pretrained only on the cases that have its sequence.
+        only_present = c.train.subnetwork is not None
+        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels, only_present)
+        self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels, only_present)
+        if not self.train_cases:
+            raise ConfigError("no training cases (after filtering by modality)")
+
+    def _input_modalities(self, manifest):
+        """Modalities the model sees, and the record channels to load for it."""
+        stored = manifest["modalities"]
+        wanted = list(self.config.data.modalities or stored)
+        missing = [m for m in wanted if m not in stored]
+        if missing:
+            raise ConfigError(f"data.modalities {missing} are not in the records ({stored})")
+        sub = self.config.train.subnetwork
+        if sub is not None and sub != unet2d.ALL:
+            if sub not in wanted:
+                raise ConfigError(f"train.subnetwork={sub!r} is not among the modalities {wanted}")
+            return wanted, [stored.index(sub)]
+        return wanted, [stored.index(m) for m in wanted]
+
+    def make_sampler(self, global_batch_size):
+        c = self.config
+        return SliceSampler(self.train_cases, c.data.orientation, global_batch_size, seed=c.seed,
+                            multiple=self.model_spec["pooling_factor"], tumor_fraction=c.data.tumor_fraction)
+
+    def build_model(self):
+        spec = self.model_spec
+        if spec["subnetwork"] is not None:
+            return unet2d.build_subnetwork_model(spec["subnetwork"], spec["modalities"], spec["kind"],
+                                                 spec["preset"])
+        model = unet2d.build_2d_model(spec["kind"], spec["modalities"], spec["preset"])
+        for path in (self.config.train.pretrained_subnetworks or "").split(","):
+            if path.strip():   # a resumed run then overwrites these with its checkpoint, as it should
+                unet2d.load_subnetwork_weights(model, keras.models.load_model(_model_file(path.strip())))
+        return model
+
+    def loss_heads(self):
+        if self.model_spec["subnetwork"] is not None:   # one (auxiliary) head: the whole loss
+            name = self.model.output_names[0]
+            return [name], {name: 1.0}, losses.weighted_cross_entropy(tuple(self.config.loss.target_weights))
+        return super().loss_heads()
+
+    def predict_labels(self, case):
+        model = self.model if self.model_spec["subnetwork"] is not None else unet2d.inference_model(self.model)
+        return inference.predict_2d_labels(model, case.image, self.config.data.orientation,
+                                           self.model_spec["pooling_factor"])
+
+
+def _model_file(path):
+    return os.path.join(path, "model.keras") if os.path.isdir(path) else path
