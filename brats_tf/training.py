@@ -144,6 +144,9 @@ class Trainer:
         manifest = reader.load_manifest(c.data.records_dir)
         self.split = case_split(self.workdir, manifest, c)
         self.load_data(manifest)
+        # How inputs were prepared: inference on new cases must do the same.
+        self.model_spec["preprocessing"] = {k: manifest[k] for k in (
+            "normalization", "median_scale", "crop_margin", "modalities")}
         self.sampler = self.make_sampler(c.data.batch_size * self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
             self.model = self.build_model()
