@@ -5,7 +5,7 @@
   accumulation     one N-batch iteration vs N plain forward-backward passes (overhead %)
   peak_rss         peak resident memory of a paper-scale 2D model 1 training step
 
-    python bench/bench_2d.py [--slice_size 160] [--paper_slice_size 240] [--skip_paper]
+    python -m bench.bench_2d [--slice_size 160] [--paper_slice_size 240] [--skip_paper]
 """
 
 import argparse
@@ -76,7 +76,7 @@ def bench_pipeline_vs_training(size, batch_size, preset):
          batch_size=batch_size, slices_per_s=round(batch_size / seconds, 1), step_s=round(seconds, 4))
 
 
-def bench_accumulation(size, batch_size, preset, n):
+def bench_accumulation(size, batch_size, preset, n, rounds=7):
     cases = fake_cases(3, size, 64)
     sampler = SliceSampler(cases, "axial", batch_size, multiple=unet2d.pooling_factor("model1", preset))
     x, y = (tf.constant(a) for a in sampler.batch(0))
@@ -92,11 +92,18 @@ def bench_accumulation(size, batch_size, preset, n):
         grads = tape.gradient(loss, model.trainable_variables)
         return tf.add_n([tf.reduce_sum(g) for g in grads])   # forces every gradient, returns a scalar
 
-    plain = time_calls(lambda: forward_backward(x, y).numpy(), 3 * n)
-    iteration = time_calls(lambda: [step(x, y)["loss"].numpy() for _ in range(n)], 3)
-    emit(bench="accumulation", preset=preset, batch_size=batch_size, N=n, slice=size,
-         iteration_s=round(iteration, 4), n_forward_backward_s=round(n * plain, 4),
-         overhead_pct=round(100 * (iteration - n * plain) / (n * plain), 2))
+    # Interleave the two measurements and take medians: robust to other load on the cores.
+    run_plain = lambda: [forward_backward(x, y).numpy() for _ in range(n)]
+    run_iteration = lambda: [step(x, y)["loss"].numpy() for _ in range(n)]
+    run_plain(), run_iteration()
+    plain, iteration = [], []
+    for _ in range(rounds):
+        plain.append(time_calls(run_plain, 1, warmup=0))
+        iteration.append(time_calls(run_iteration, 1, warmup=0))
+    plain, iteration = float(np.median(plain)), float(np.median(iteration))
+    emit(bench="accumulation", preset=preset, batch_size=batch_size, N=n, slice=size, rounds=rounds,
+         iteration_s=round(iteration, 4), n_forward_backward_s=round(plain, 4),
+         overhead_pct=round(100 * (iteration - plain) / plain, 2))
 
 
 def bench_paper_step(size, batch_size):

@@ -12,9 +12,11 @@ loop. Every batch:
      accumulators hold the global gradient and the norm is the global one;
   2. the sum (accumulator + batch gradient) is computed; on the N-th batch of an
      iteration the update is applied and the accumulator cleared, otherwise only the
-     accumulator is written. The choice is a masked update (`where`) rather than a
-     `cond`: Keras' built-in gradient accumulation puts the all-reduce inside a cond,
-     which fails under MirroredStrategy (merge_call inside control flow).
+     accumulator is written. Keras' built-in gradient accumulation puts the all-reduce
+     inside a cond, which fails under MirroredStrategy (merge_call inside control flow);
+     here the all-reduce comes first, outside the branch, so a `cond` is safe (tested
+     under MirroredStrategy) and the N-1 accumulate-only batches skip the norm and the
+     momentum arithmetic (a masked `where` update, tried first, did them every batch).
 Design (a) (accumulating in a custom train_step) would leave the optimizer simpler
 but tie accumulation to one particular train_step; (b) keeps `fit`, custom loops and
 the trainer on one code path, at the cost of one all-reduce per batch instead of
@@ -119,21 +121,33 @@ class NormalizedMomentum(keras.optimizers.Optimizer):
         sums = [ops.add(self._accumulators[i], ops.cast(g, self._accumulators[i].dtype))
                 for g, i in zip(grads, indices)]
         is_update = ops.equal((self._iterations + 1) % self.accumulation_steps, 0)
-        global_norm = ops.sqrt(ops.sum(ops.stack(
-            [ops.sum(ops.square(ops.cast(s, "float32"))) for s in sums])))
-        step = ops.cast(self.learning_rate, "float32") / (global_norm + self.epsilon)
-        for variable, index, summed in zip(trainable_variables, indices, sums):
-            self._masked_update(variable, index, summed, step, is_update)
+        pairs = [(v, i, s) for v, i, s in zip(trainable_variables, indices, sums)]
 
-    def _masked_update(self, variable, index, summed, step, is_update):
+        def update():
+            global_norm = ops.sqrt(ops.sum(ops.stack(
+                [ops.sum(ops.square(ops.cast(s, "float32"))) for s in sums])))
+            step = ops.cast(self.learning_rate, "float32") / (global_norm + self.epsilon)
+            for variable, index, summed in pairs:
+                self._apply_update(variable, index, summed, step)
+            return ops.convert_to_tensor(True)
+
+        def accumulate():
+            for _, index, summed in pairs:
+                self.assign(self._accumulators[index], summed)
+            return ops.convert_to_tensor(False)
+
+        # The all-reduce happened above, outside the branch: a cond is safe here, and the
+        # N-1 accumulate-only batches of an iteration cost one write per variable.
+        ops.cond(is_update, update, accumulate)
+
+    def _apply_update(self, variable, index, summed, step):
         velocity, accumulator = self._velocities[index], self._accumulators[index]
         dtype = variable.dtype
         new_velocity = (ops.cast(self.momentum, dtype) * velocity
                         - ops.cast(step, dtype) * summed)
-        zeros = ops.zeros_like(summed)
-        self.assign(velocity, ops.where(is_update, new_velocity, velocity))
-        self.assign_add(variable, ops.where(is_update, new_velocity, zeros))
-        self.assign(accumulator, ops.where(is_update, zeros, summed))
+        self.assign(velocity, new_velocity)
+        self.assign_add(variable, new_velocity)
+        self.assign(accumulator, ops.zeros_like(summed))
 
     def update_step(self, gradient, variable, learning_rate):
         raise NotImplementedError("NormalizedMomentum updates all variables at once in "
