@@ -8,9 +8,9 @@ zero-padded by half a patch so any brain voxel can be a center.
 """
 
 import numpy as np
-import tensorflow as tf
 
 from brats_tf.constants import NUM_CLASSES
+from brats_tf.records.batching import batch_dataset
 
 SAMPLING = ("class_balanced", "tumor_balanced", "uniform")
 
@@ -117,12 +117,6 @@ class PatchSampler:
         return x, y
 
     def dataset(self, first_batch=0, num_batches=None):
-        last = np.iinfo(np.int64).max if num_batches is None else first_batch + num_batches
-
-        def generate():
-            for b in range(first_batch, last):
-                yield self.batch(b)
-
-        spec = (tf.TensorSpec((self.batch_size,) + (self.input_size,) * 3 + (self.num_channels,), tf.float32),
-                tf.TensorSpec((self.batch_size,) + (self.label_size,) * 3, tf.int32))
-        return tf.data.Dataset.from_generator(generate, output_signature=spec).prefetch(tf.data.AUTOTUNE)
+        """tf.data.Dataset of batches starting at `first_batch` (resume), prefetched."""
+        return batch_dataset(self.batch, (self.batch_size,) + (self.input_size,) * 3 + (self.num_channels,),
+                             (self.batch_size,) + (self.label_size,) * 3, first_batch, num_batches)

@@ -7,9 +7,9 @@ is drawn from a generator seeded by (seed, b), so a resumed run sees the same st
 """
 
 import numpy as np
-import tensorflow as tf
 
 from brats_tf.constants import NUM_CLASSES
+from brats_tf.records.batching import batch_dataset
 
 ORIENTATIONS = ("axial", "coronal", "sagittal")
 # Volume axis that indexes slices: axial slices are x-y planes (fixed z), etc.
@@ -96,12 +96,5 @@ class SliceSampler:
 
     def dataset(self, first_batch=0, num_batches=None):
         """tf.data.Dataset of batches starting at `first_batch` (resume), prefetched."""
-        last = np.iinfo(np.int64).max if num_batches is None else first_batch + num_batches
-
-        def generate():
-            for b in range(first_batch, last):
-                yield self.batch(b)
-
-        spec = (tf.TensorSpec((self.batch_size,) + self.slice_shape + (self.num_channels,), tf.float32),
-                tf.TensorSpec((self.batch_size,) + self.slice_shape, tf.int32))
-        return tf.data.Dataset.from_generator(generate, output_signature=spec).prefetch(tf.data.AUTOTUNE)
+        return batch_dataset(self.batch, (self.batch_size,) + self.slice_shape + (self.num_channels,),
+                             (self.batch_size,) + self.slice_shape, first_batch, num_batches)
