@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import preview, synthetic
+from brats_tf import phantom_anatomy, preview, synthetic
 from brats_tf.errors import ConfigError
 from brats_tf.io.cases import discover_cases, load_case
 
@@ -233,7 +233,7 @@ def test_a_single_intensity_threshold_does_not_solve_whole_tumor(small_cases):
 
 def test_smooth_field_matches_a_direct_bspline_evaluation():
     rng = np.random.default_rng(0)
-    field = synthetic.SmoothField(rng, (40.0, 30.0, 20.0), 6.0)
+    field = phantom_anatomy.SmoothField(rng, (40.0, 30.0, 20.0), 6.0)
     axes = [np.array([-13.0, 0.5, 17.2]), np.array([-9.1, 3.3]), np.array([-7.7, 0.0, 8.8])]
     got = field.sample(axes)
 
@@ -252,7 +252,7 @@ def test_smooth_field_matches_a_direct_bspline_evaluation():
 
 
 def test_smooth_field_is_the_same_on_any_grid_and_about_unit_std():
-    field = synthetic.SmoothField(np.random.default_rng(1), (240.0, 240.0, 155.0), 10.0)
+    field = phantom_anatomy.SmoothField(np.random.default_rng(1), (240.0, 240.0, 155.0), 10.0)
     fine = field.sample(synthetic.voxel_axes_mm((120, 120, 60), (2.0, 2.0, 2.5)))
     coarse = field.sample(synthetic.voxel_axes_mm((40, 40, 20), (6.0, 6.0, 7.5)))
     # Every coarse voxel centre is the middle one of three fine voxel centres.
