@@ -1,7 +1,8 @@
 """Training checkpoints: model weights, optimizer slots and trainer state, written atomically.
 
-A checkpoint is a folder `ckpt-<iteration>` holding `model.weights.h5`, `optimizer.npz`
-(every optimizer variable: iteration counter, momentum, accumulators) and `state.json`
+A checkpoint is a folder `ckpt-<iteration>` holding `model.weights.h5`, `rng.npz` (the
+random-generator states of dropout layers), `optimizer.npz` (every optimizer variable:
+iteration counter, momentum, accumulators) and `state.json`
 (the LR schedule's state and anything else the trainer needs). It is written under a
 temporary name and renamed, so a run killed at any moment leaves only complete
 checkpoints; the newest one is what a re-run resumes from.
@@ -47,6 +48,8 @@ class CheckpointStore:
         shutil.rmtree(tmp, ignore_errors=True)
         os.makedirs(tmp)
         model.save_weights(os.path.join(tmp, "model.weights.h5"))
+        np.savez(os.path.join(tmp, "rng.npz"),
+                 **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(_rng_states(model))})
         np.savez(os.path.join(tmp, "optimizer.npz"),
                  **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
         with open(os.path.join(tmp, "state.json"), "w") as f:
@@ -71,6 +74,15 @@ class CheckpointStore:
                              f"checkpoint {len(values)}")
         for variable, value in zip(optimizer.variables, values):
             variable.assign(value)
+        rng_path = os.path.join(folder, "rng.npz")
+        if os.path.exists(rng_path):   # absent in checkpoints written before it was added
+            with np.load(rng_path, allow_pickle=False) as saved:
+                states, keys = _rng_states(model), sorted(saved.files)
+                if len(states) != len(keys):
+                    raise ValueError(f"{folder}: model has {len(states)} random-generator states, "
+                                     f"checkpoint {len(keys)}")
+                for variable, key in zip(states, keys):
+                    variable.assign(saved[key])
         with open(os.path.join(folder, "state.json")) as f:
             return json.load(f)
 
@@ -80,3 +92,11 @@ class CheckpointStore:
         for name in os.listdir(self.directory):   # leftovers of killed saves
             if name.startswith(".tmp-ckpt-") and not name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+def _rng_states(model):
+    """Model variables that the weights file does not hold: the random-generator states of
+    dropout layers. Restoring them makes the dropout masks after a resume the ones an
+    uninterrupted run would have drawn."""
+    weights = {id(w) for w in model.weights}
+    return [v for v in model.variables if id(v) not in weights]

@@ -42,7 +42,7 @@ def case_dataset(records_dir, case_ids=None):
         unknown = sorted(set(case_ids) - set(known))
         if unknown:
             raise DataError(records_dir, f"cases not in the record set: {unknown[:5]}")
-        wanted = tf.constant(sorted(set(case_ids)))
+        wanted = tf.constant(sorted(set(case_ids)), dtype=tf.string)   # typed: [] is float otherwise
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["case_id"], wanted)))
     return ds
 
