@@ -1,0 +1,147 @@
+"""The [S] baselines' trainer: BCN and patch FCN on tumor/background-balanced patches,
+FIFCN on whole (center-cropped) volumes; Adam + L2, softmax cross-entropy or Dice loss.
+
+    python -m brats_tf.train --config=brats_tf/configs/baselines.py:bcn_demo \
+        --config.data.records_dir=R --workdir=W
+
+Everything else (checkpoints, exact resume, TensorBoard, export of model.keras and
+model_info.json) is the shared `training.Trainer`. Validation reports the whole-tumor
+Dice (`val_dice_wt`), the metric of [S]. `train.init_from` starts from the weights of
+another trained baseline (transfer learning, [S] §5): layers are matched by name, so a
+model trained without dropout/BN initializes one with them ("fine-tuned"); the added BN
+layers are set to start as the identity on the new training data (`identity_batch_norm`).
+"""
+
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from brats_tf import baselines_inference, losses, metrics
+from brats_tf.errors import ConfigError
+from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights, identity_batch_norm
+from brats_tf.records.patches import PatchSampler
+from brats_tf.schedules import ConstantRate
+from brats_tf.training import Trainer
+from brats_tf.training_data import load_cases
+
+LOSSES = ("cross_entropy", "dice")
+CALIBRATION_BATCHES = 4   # batches that set the statistics of BN layers added for fine-tuning
+
+
+def spec_from_config(config, num_channels):
+    m = config.model
+    return BaselineSpec(kind=m.kind, num_channels=num_channels, num_classes=m.num_classes,
+                        filters=tuple(m.filters), fc_units=m.fc_units, dropout=m.dropout,
+                        batch_norm=m.batch_norm, dropout_rate=m.dropout_rate, l2=m.l2,
+                        patch_size=m.patch_size, volume_size=tuple(m.volume_size), num_pools=m.num_pools)
+
+
+class VolumeSampler:
+    """FIFCN batches: whole cropped cases, center-cropped / zero-padded to `size`, drawn
+    uniformly with replacement; batch b depends only on (seed, b), so resume is exact."""
+
+    def __init__(self, cases, size, batch_size, seed=0, binary=True):
+        self.size, self.batch_size, self.seed, self.binary = tuple(int(n) for n in size), batch_size, seed, binary
+        self.volumes = [baselines_inference.fit_to_size(np.asarray(c.image, np.float16), self.size) for c in cases]
+        self.labels = [baselines_inference.fit_to_size(c.label, self.size) for c in cases]
+        self.num_channels = self.volumes[0].shape[-1]
+
+    def batch(self, batch_number):
+        rng = np.random.default_rng([self.seed, batch_number])
+        picks = rng.integers(len(self.volumes), size=self.batch_size)
+        x = np.stack([self.volumes[i] for i in picks]).astype(np.float32)
+        y = np.stack([self.labels[i] for i in picks]).astype(np.int32)
+        return x, (y > 0).astype(np.int32) if self.binary else y
+
+    def dataset(self, first_batch=0, num_batches=None):
+        last = np.iinfo(np.int64).max if num_batches is None else first_batch + num_batches
+
+        def generate():
+            for b in range(first_batch, last):
+                yield self.batch(b)
+
+        spec = (tf.TensorSpec((self.batch_size,) + self.size + (self.num_channels,), tf.float32),
+                tf.TensorSpec((self.batch_size,) + self.size, tf.int32))
+        return tf.data.Dataset.from_generator(generate, output_signature=spec).prefetch(2)
+
+
+class BaselineTrainer(Trainer):
+
+    def load_data(self, manifest):
+        c = self.config
+        if c.data.normalization and manifest["normalization"] != c.data.normalization:
+            raise ConfigError(f"{c.data.records_dir}: records are {manifest['normalization']}-normalized; "
+                              f"[S] baselines need {c.data.normalization} (build_records "
+                              f"--normalization={c.data.normalization})")
+        if c.loss.kind not in LOSSES:
+            raise ConfigError(f"loss.kind={c.loss.kind!r}: use one of {LOSSES}")
+        stored = manifest["modalities"]
+        wanted = list(c.data.modalities or stored)
+        missing = [m for m in wanted if m not in stored]
+        if missing:
+            raise ConfigError(f"data.modalities {missing} are not in the records ({stored})")
+        channels = [stored.index(m) for m in wanted]
+        try:
+            self.spec = spec_from_config(c, len(wanted))
+        except ValueError as err:
+            raise ConfigError(str(err)) from None
+        self.model_spec = {"stage": "baseline", "kind": self.spec.kind, "preset": c.preset,
+                           "modalities": wanted, "num_classes": self.spec.num_classes,
+                           "loss": c.loss.kind, "spec": self.spec.to_json(),
+                           "init_from": c.train.init_from}
+        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels)
+        self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels)
+        if not self.train_cases:
+            raise ConfigError("no training cases")
+
+    def make_sampler(self, global_batch_size):
+        c, spec = self.config, self.spec
+        binary = spec.num_classes == 2
+        if spec.kind == "fifcn":
+            return VolumeSampler(self.train_cases, spec.volume_size, global_batch_size, c.seed, binary)
+        return PatchSampler(self.train_cases, spec.input_size, spec.output_size, global_batch_size,
+                            seed=c.seed, sampling=c.data.sampling, binary=binary)
+
+    def build_model(self):
+        model = build_baseline(self.spec)
+        source = self.config.train.init_from
+        if source:   # a resumed run then overwrites these with its checkpoint, as it should
+            path = os.path.join(source, "model.keras") if os.path.isdir(source) else source
+            if not os.path.isfile(path):
+                raise ConfigError(f"train.init_from={source!r}: no model.keras there")
+            copied = copy_matching_weights(keras.models.load_model(path, compile=False), model)
+            added = [layer.name for layer in model.layers
+                     if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in copied]
+            # Added BN layers start as the identity on this site's data (BUILD_NOTES).
+            identity_batch_norm(model, added, [self.sampler.batch(b)[0] for b in range(CALIBRATION_BATCHES)])
+        return model
+
+    def loss_heads(self):
+        name = self.model.output_names[0]
+        if self.config.loss.kind == "dice":
+            loss_fn = losses.SoftDiceLoss()
+        else:
+            loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        return [name], {name: 1.0}, loss_fn
+
+    def make_optimizer(self):
+        return keras.optimizers.Adam(self.config.optim.learning_rate)
+
+    def make_schedule(self):
+        return ConstantRate(self.config.optim.learning_rate)
+
+    def predict_labels(self, case):
+        classes = baselines_inference.predict_classes(self.model, self.spec, case.image,
+                                                      self.config.train.inference_tile)
+        labels = baselines_inference.to_internal_labels(classes, self.spec.num_classes)
+        labels[~case.brain] = 0
+        return labels
+
+    def validate(self):
+        """Mean whole-tumor Dice over the validation cases ([S]'s metric)."""
+        if not self.val_cases:
+            return {}
+        scores = [metrics.dice(self.predict_labels(case) > 0, case.label > 0) for case in self.val_cases]
+        return {"val_dice_wt": float(np.mean(scores))}

@@ -1,0 +1,329 @@
+"""The [S] experiments (Shen & Anderson; METHOD §9): the ablation and cross-site transfer.
+
+    python run_experiment.py --experiment=shen_ablation --scale=demo --workdir=W
+    python run_experiment.py --experiment=shen_transfer --scale=demo --workdir=W
+
+`shen_ablation` ([S] Table 1, Fig. 5): BCN and patch FCN each without/with dropout and
+batch normalization, and the FIFCN with softmax cross-entropy vs Dice loss, trained on
+site A and evaluated on its held-out cases (binary whole-tumor Dice).
+`shen_transfer` ([S] Table 2, Fig. 8): BCN and FCN trained on site A, then on site B
+(another matrix, voxel size and contrast; Rembrandt in [S]) *pre-trained* (A weights as
+they are), *re-trained* (A weights, trained on a small B subset) and *fine-tuned* (the
+same with dropout and BN added).
+
+Site A is the built-in phantom dataset (site "a") unless `--data_dir` is given; site B
+the phantoms' second scanner (site "b") unless `--target_data_dir` is given. Both are
+synthesized, recorded (z-score normalization, [S] §4.1) and split once under the work
+dir; every model lives in its own trainer work dir (`models/site_<x>/<slug>`), so a
+re-run skips what is finished and resumes what was interrupted. The two experiments
+share site A's data, records, split and plain BCN/FCN when given the same work dir.
+Outputs: `<workdir>/<experiment>/report.md`, `dice_histograms.png`, `timings.json`, and
+per model `eval_site_<x>/evaluation.csv` + `predictions/` (label maps on the original grid).
+"""
+
+import dataclasses
+import json
+import math
+import os
+import time
+
+import keras
+import numpy as np
+
+from brats_tf import baselines_inference, metrics, synthetic
+from brats_tf.baselines_training import BaselineTrainer
+from brats_tf.configs import baselines as baseline_configs
+from brats_tf.errors import ConfigError, DataError
+from brats_tf.experiments import shen_report
+from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io.nifti import atomic_write
+from brats_tf.records import reader
+from brats_tf.records.writer import build_records
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    preset: str                  # config preset suffix (configs/baselines.py)
+    site_cases: dict             # synthetic cases per site
+    site_shapes: dict            # synthetic matrix per site (None: the site's default)
+    test_fraction: float         # site A cases held out for testing
+    num_val: int                 # validation cases per site (trainer's final check)
+    target_train: int            # site B cases to re-train / fine-tune on ([S]: 11)
+    iterations: dict             # model kind -> iterations on site A
+    transfer_iterations: int     # iterations on site B
+
+
+SCALES = {
+    # [S]: 178 train / 44 test BraTS cases; 57 Rembrandt cases of which 11 train.
+    "paper": Scale("paper", {"a": 222, "b": 57}, {"a": None, "b": None}, 44 / 222, 5, 11,
+                   {"bcn": 20000, "fcn": 20000, "fifcn": 10000}, 2000),
+    # CPU demo (each experiment < 15 min on 2 cores): site B keeps the paper's matrix
+    # ratios to site A (2/3 in-plane, 1/3 of the slices).
+    "demo": Scale("demo", {"a": 24, "b": 16}, {"a": (80, 80, 64), "b": (54, 54, 22)}, 1 / 3, 2, 4,
+                  {"bcn": 200, "fcn": 200, "fifcn": 150}, 100),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str                    # table row
+    slug: str                    # model folder
+    kind: str                    # bcn | fcn | fifcn
+    dropout: bool = False
+    batch_norm: bool = False
+    loss: str = "cross_entropy"
+    paper: float = None          # [S]'s mean Dice (%) where it gives one
+
+
+ABLATION = (
+    Variant("BCN", "bcn", "bcn", paper=82.7),
+    Variant("BCN + Dropout", "bcn_dropout", "bcn", dropout=True, paper=84.2),
+    Variant("BCN + Batch Normalization", "bcn_bn", "bcn", batch_norm=True, paper=83.4),
+    Variant("BCN + Dropout + Batch Normalization", "bcn_dropout_bn", "bcn", True, True, paper=84.5),
+    Variant("FCN", "fcn", "fcn", paper=83.8),
+    Variant("FCN + Dropout", "fcn_dropout", "fcn", dropout=True, paper=83.6),
+    Variant("FCN + Batch Normalization", "fcn_bn", "fcn", batch_norm=True, paper=84.1),
+    Variant("FCN + Dropout + Batch Normalization", "fcn_dropout_bn", "fcn", True, True, paper=86.1),
+    Variant("FIFCN, cross-entropy loss", "fifcn_ce", "fifcn", batch_norm=True),
+    Variant("FIFCN, Dice loss", "fifcn_dice", "fifcn", batch_norm=True, loss="dice"),
+)
+VARIANTS = {v.slug: v for v in ABLATION}
+TRANSFER_PAPER = {("bcn", "pre-trained"): 40.8, ("bcn", "re-trained"): 45.2, ("bcn", "fine-tuned"): 53.5,
+                  ("fcn", "pre-trained"): 38.2, ("fcn", "re-trained"): 50.3, ("fcn", "fine-tuned"): 52.2}
+
+
+@dataclasses.dataclass
+class Site:
+    name: str                    # "a" | "b"
+    data_dir: str
+    layout: str
+    layout_file: str
+    records_dir: str
+    split: dict                  # train / val / test case ids
+
+
+# ------------------------------------------------------------------ experiments
+
+def shen_ablation(args):
+    """[S] Table 1 / Fig. 5 on site A; returns the report path."""
+    started, scale, work = time.time(), _scale(args), os.path.abspath(args.workdir)
+    site_a = prepare_site(work, "a", args.data_dir, args, scale)
+    out_dir = os.path.join(work, "shen_ablation")
+    timings = Timings(os.path.join(out_dir, "timings.json"))
+    results = []
+    for variant in ABLATION:
+        model_dir = train_variant(work, variant, site_a, scale, args.seed, timings)
+        rows = evaluate(model_dir, site_a, timings, variant.name, _bcn_tile(scale))
+        results.append((variant, rows))
+    return shen_report.write_ablation_report(out_dir, results, timings.data, _settings(args, scale, [site_a]),
+                                             time.time() - started)
+
+
+def shen_transfer(args):
+    """[S] Table 2 / Fig. 8: site A -> site B; returns the report path."""
+    started, scale, work = time.time(), _scale(args), os.path.abspath(args.workdir)
+    site_a = prepare_site(work, "a", args.data_dir, args, scale)
+    site_b = prepare_site(work, "b", args.target_data_dir, args, scale)
+    out_dir = os.path.join(work, "shen_transfer")
+    timings = Timings(os.path.join(out_dir, "timings.json"))
+    results, source_results = [], []
+    for plain in (VARIANTS["bcn"], VARIANTS["fcn"]):    # BCN and FCN as [S] built them
+        pretrained = train_variant(work, plain, site_a, scale, args.seed, timings)
+        source_results.append((plain, evaluate(pretrained, site_a, timings, plain.name, _bcn_tile(scale))))
+        results.append((plain.kind, "pre-trained",
+                        evaluate(pretrained, site_b, timings, f"{plain.name} pre-trained", _bcn_tile(scale)),
+                        TRANSFER_PAPER[(plain.kind, "pre-trained")]))
+        for method, extra in (("re-trained", {}), ("fine-tuned", {"dropout": True, "batch_norm": True})):
+            variant = dataclasses.replace(plain, name=f"{plain.name} {method}",
+                                          slug=f"{plain.slug}_{method.replace('-', '')}", **extra)
+            model_dir = train_variant(work, variant, site_b, scale, args.seed, timings,
+                                      init_from=pretrained, iterations=scale.transfer_iterations)
+            rows = evaluate(model_dir, site_b, timings, variant.name, _bcn_tile(scale))
+            results.append((plain.kind, method, rows, TRANSFER_PAPER[(plain.kind, method)]))
+    return shen_report.write_transfer_report(out_dir, results, source_results, timings.data,
+                                             _settings(args, scale, [site_a, site_b]), time.time() - started)
+
+
+def _scale(args):
+    """args.scale: a name in SCALES, or a `Scale` (tests, custom runs)."""
+    if isinstance(args.scale, Scale):
+        return args.scale
+    if args.scale not in SCALES:
+        raise ConfigError(f"--scale={args.scale!r}: use one of {sorted(SCALES)}")
+    return SCALES[args.scale]
+
+
+def _bcn_tile(scale):
+    return baseline_configs.get_config(f"bcn_{scale.preset}").train.inference_tile
+
+
+def _settings(args, scale, sites):
+    name = args.scale if isinstance(args.scale, str) else f"custom ({scale.preset} presets)"
+    return {"scale": name, "seed": args.seed, "workdir": os.path.abspath(args.workdir),
+            "iterations": scale.iterations, "transfer_iterations": scale.transfer_iterations,
+            "sites": {s.name: {"data_dir": s.data_dir, **{k: len(v) for k, v in s.split.items()}}
+                      for s in sites}}
+
+
+# ------------------------------------------------------------------ data
+
+def prepare_site(work, site, data_dir, args, scale):
+    """Data (given or synthesized), z-score records and the seeded split of one site."""
+    layout, layout_file = (args.layout, args.layout_file) if data_dir else ("auto", None)
+    if not data_dir:
+        data_dir = os.path.join(work, "data", f"site_{site}")
+        print(f"[site {site}] synthesizing {scale.site_cases[site]} phantoms in {data_dir}", flush=True)
+        synthetic.write_dataset(data_dir, scale.site_cases[site], args.seed, shape=scale.site_shapes[site],
+                                site=site, progress=False)
+    data_dir = os.path.abspath(data_dir)
+    records_dir = os.path.join(work, "records", f"site_{site}")
+    if not _records_match(records_dir, data_dir, layout, layout_file):
+        print(f"[site {site}] building z-score records in {records_dir}", flush=True)
+        build_records(data_dir, records_dir, layout, layout_file, normalization="zscore",
+                      overwrite=True, verbose=False)
+    manifest = reader.load_manifest(records_dir)
+    ids = sorted(c["case_id"] for c in manifest["cases"] if c["voxels_per_class"] is not None)
+    split = _load_or_make_split(os.path.join(work, f"split_site_{site}.json"), ids, site, scale, args.seed)
+    return Site(site, data_dir, layout, layout_file, records_dir, split)
+
+
+def _records_match(records_dir, data_dir, layout, layout_file):
+    try:
+        manifest = reader.load_manifest(records_dir)
+    except DataError:
+        return False
+    ids = [c.case_id for c in discover_cases(data_dir, layout, layout_file)]
+    return (manifest["source_dir"] == data_dir and manifest["normalization"] == "zscore"
+            and [c["case_id"] for c in manifest["cases"]] == ids)
+
+
+def split_case_ids(ids, site, scale, seed):
+    """Seeded split over sorted ids. Site A: test (a fraction), val, train (the rest);
+    site B: train (a small subset, [S]), val, test (the rest)."""
+    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(ids))]
+    num_val = min(scale.num_val, max(len(ids) - 2, 0))
+    if site == "a":
+        num_test = max(1, round(len(ids) * scale.test_fraction))
+        split = {"test": order[:num_test], "val": order[num_test:num_test + num_val],
+                 "train": order[num_test + num_val:]}
+    else:
+        num_train = min(scale.target_train, len(ids) - num_val - 1)
+        split = {"train": order[:num_train], "val": order[num_train:num_train + num_val],
+                 "test": order[num_train + num_val:]}
+    if not split["train"] or not split["test"]:
+        raise ConfigError(f"site {site}: {len(ids)} labeled cases are too few for a train/test split")
+    return {k: sorted(v) for k, v in split.items()}
+
+
+def _load_or_make_split(path, ids, site, scale, seed):
+    if os.path.exists(path):
+        with open(path) as f:
+            split = json.load(f)
+        unknown = sorted(set(sum(split.values(), [])) - set(ids))
+        if unknown:
+            raise ConfigError(f"{path}: cases {unknown[:3]} are not in the data; use a new --workdir")
+        return split
+    split = split_case_ids(ids, site, scale, seed)
+    atomic_write(path, lambda p: _write_json(p, split))
+    return split
+
+
+# ------------------------------------------------------------------ training and evaluation
+
+def variant_config(variant, scale, site, seed, iterations=None, init_from=None):
+    """The trainer config of one model: the preset, the variant's switches, the site's split."""
+    c = baseline_configs.get_config(f"{variant.kind}_{scale.preset}")
+    c.seed = seed
+    c.data.records_dir = site.records_dir
+    c.data.train_cases, c.data.val_cases = list(site.split["train"]), list(site.split["val"])
+    c.model.dropout, c.model.batch_norm = variant.dropout, variant.batch_norm
+    c.loss.kind = variant.loss
+    c.train.iterations = iterations or scale.iterations[variant.kind]
+    c.train.init_from = init_from
+    if variant.kind == "fifcn" and scale.preset == "demo":
+        c.model.volume_size = fifcn_volume(site.records_dir, c.model.num_pools)
+    return c
+
+
+def fifcn_volume(records_dir, num_pools):
+    """Demo-scale FIFCN window: the largest brain box of the records, rounded up to the
+    network's pooling factor ([S] crops 240x240x155 -> 160x160x144 at paper scale)."""
+    factor = 2 ** (1 + num_pools)
+    boxes = np.array([[b - a for a, b in zip(c["crop"]["start"], c["crop"]["stop"])]
+                      for c in reader.load_manifest(records_dir)["cases"]])
+    return tuple(int(math.ceil(n / factor) * factor) for n in boxes.max(axis=0))
+
+
+def train_variant(work, variant, site, scale, seed, timings, init_from=None, iterations=None):
+    """Trains one model (or finds it finished); returns its work dir."""
+    config = variant_config(variant, scale, site, seed, iterations, init_from)
+    model_dir = os.path.join(work, "models", f"site_{site.name}", variant.slug)
+    if _finished(model_dir, config.train.iterations):
+        print(f"[train] {variant.name}: finished earlier ({model_dir})", flush=True)
+        return model_dir
+    print(f"[train] {variant.name} on site {site.name}: {config.train.iterations} iterations", flush=True)
+    keras.backend.clear_session()
+    start = time.time()
+    result = BaselineTrainer(config, model_dir).run()
+    timings.record(variant.name, train_s=time.time() - start, **result["validation"])
+    print(f"[train] {variant.name}: done in {time.time() - start:.0f} s, validation "
+          f"{result['validation']}", flush=True)
+    return model_dir
+
+
+def _finished(model_dir, iterations):
+    path = os.path.join(model_dir, "model_info.json")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        return json.load(f).get("iterations", -1) >= iterations
+
+
+def evaluate(model_dir, site, timings, name, bcn_tile):
+    """Whole-tumor Dice etc. of a model on the site's test cases (per-case rows). Label
+    maps go to `<model_dir>/eval_site_<x>/predictions` on the original grid, then through
+    the same evaluation as `python -m brats_tf.evaluate`; skipped when up to date."""
+    out_dir = os.path.join(model_dir, f"eval_site_{site.name}")
+    csv_path = os.path.join(out_dir, "evaluation.csv")
+    if os.path.exists(csv_path) and os.path.getmtime(csv_path) > os.path.getmtime(
+            os.path.join(model_dir, "model.keras")):
+        return metrics.read_evaluation_csv(csv_path)[0]
+    start = time.time()
+    model, spec, info = baselines_inference.load_baseline(model_dir)
+    cases = {c.case_id: c for c in discover_cases(site.data_dir, site.layout, site.layout_file)}
+    pred_dir = os.path.join(out_dir, "predictions")
+    for case_id in site.split["test"]:
+        loaded = load_case(cases[case_id], info["preprocessing"]["modalities"])
+        labels = baselines_inference.segment(model, spec, info, loaded, bcn_tile)
+        baselines_inference.write_segmentation(os.path.join(pred_dir, f"{case_id}_seg.nii.gz"), labels,
+                                               loaded.geometry)
+    evaluation = metrics.evaluate_dirs(pred_dir, site.data_dir, site.layout, site.layout_file,
+                                       workers=1, progress=False)
+    metrics.write_evaluation_csv(csv_path, evaluation.rows)
+    seconds = time.time() - start
+    timings.record(name, **{f"predict_site_{site.name}_s": seconds,
+                            f"predict_site_{site.name}_per_case_s": seconds / len(evaluation.rows)})
+    print(f"[evaluate] {name} on site {site.name}: mean WT Dice "
+          f"{np.mean([r['Dice_WT'] for r in evaluation.rows]):.3f} ({len(evaluation.rows)} cases, "
+          f"{seconds:.0f} s)", flush=True)
+    return evaluation.rows
+
+
+class Timings:
+    """Measured seconds per model, kept across re-runs (a skipped step keeps its figure)."""
+
+    def __init__(self, path):
+        self.path = path
+        self.data = {}
+        if os.path.exists(path):
+            with open(path) as f:
+                self.data = json.load(f)
+
+    def record(self, name, **values):
+        self.data.setdefault(name, {}).update({k: round(float(v), 4) for k, v in values.items()})
+        atomic_write(self.path, lambda p: _write_json(p, self.data))
+
+
+def _write_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
