@@ -75,7 +75,9 @@ class PatchSampler:
         if self.sampling == "class_balanced":
             for c in self.guaranteed_classes:
                 center = pick(self.centers_by_class[c]).copy()
-                center[1:] += jitter() if c else 0
+                if c:   # kept inside the case: a negative center would slice an empty patch
+                    case_shape = np.asarray(self.labels[center[0]].shape) - self.half - self.input_size
+                    center[1:] = np.clip(center[1:] + jitter(), 0, case_shape - 1)
                 centers.append(center)
         while len(centers) < self.batch_size:
             if self.sampling == "tumor_balanced" and len(self.tumor_centers):

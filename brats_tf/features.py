@@ -1,0 +1,358 @@
+"""2D features for the 3D stage [M §2.1, METHOD §3].
+
+Three trained 2D models of one kind (axial, coronal, sagittal) are run over every slice
+of every case of a record set; their final conv outputs before softmax (4 maps each)
+are stacked into 12 channels (axial, coronal, sagittal order), stored per case on the
+cropped grid as float16 `<case_id>.npy`, beside `features_manifest.json`, which names
+the three models by path and by the sha256 of their `model.keras` (the content, so a
+retrained model in the same folder is a different model).
+
+3D training loads features with `load_features(..., request)`, which refuses a set whose
+manifest does not match what the 3D config asks for (2D kind, exact model hashes,
+cross-fold extraction) in one line.
+
+Cross-fold extraction (optional): [M] extracts training-set features with 2D models
+trained on those same cases, so they are cleaner than at test time. Given extra model
+triples (`fold_models`, each trained on part of the data), a case the main models were
+trained on gets its features from a triple that did not see it (by the `split.json` of
+each model's work dir); other cases (validation, test) from the main models.
+`write_fold_splits` prepares those work dirs (the 2D trainer reuses a split.json it finds).
+"""
+
+import hashlib
+import json
+import os
+import sys
+
+import keras
+import numpy as np
+
+from brats_tf import inference
+from brats_tf.constants import CLASS_NAMES
+from brats_tf.errors import ConfigError, DataError
+from brats_tf.io.nifti import atomic_write
+from brats_tf.models import unet2d
+from brats_tf.records import reader
+from brats_tf.records.slices import ORIENTATIONS
+
+MANIFEST = "features_manifest.json"
+FORMAT_VERSION = 1
+FEATURE_DTYPE = np.float16
+PREPROCESSING_KEYS = ("normalization", "median_scale", "crop_margin", "modalities")
+
+
+def channel_names(num_classes=len(CLASS_NAMES)):
+    return [f"{o}:{CLASS_NAMES[c] if c < len(CLASS_NAMES) else c}" for o in ORIENTATIONS for c in range(num_classes)]
+
+
+def model_file(path):
+    """A trainer work dir's `model.keras`, or the file itself."""
+    path = os.path.abspath(os.fspath(path))
+    return os.path.join(path, "model.keras") if os.path.isdir(path) else path
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def read_model_info(path):
+    """`model_info.json` beside a model file (what the trainer exported with it)."""
+    info_path = os.path.join(os.path.dirname(model_file(path)), "model_info.json")
+    try:
+        with open(info_path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(info_path, "no model_info.json beside the model; export it with brats_tf.train") from None
+    except json.JSONDecodeError as err:
+        raise DataError(info_path, f"not valid JSON ({err.msg})") from None
+
+
+def trained_cases(path):
+    """Case ids a model was trained on (its work dir's split.json), or None if unknown."""
+    split = os.path.join(os.path.dirname(model_file(path)), "split.json")
+    if not os.path.isfile(split):
+        return None
+    with open(split) as f:
+        return set(json.load(f)["train"])
+
+
+def describe_model(path):
+    """What the manifest says about one 2D model."""
+    file = model_file(path)
+    if not os.path.isfile(file):
+        raise DataError(file, "model file not found")
+    info = read_model_info(file)
+    return {"path": file, "sha256": file_sha256(file), "kind": info.get("kind"),
+            "orientation": info.get("orientation"), "iterations": info.get("iterations")}
+
+
+class FeatureExtractor:
+    """Three 2D models (axial, coronal, sagittal) of one case -> (X, Y, Z, 12) logits."""
+
+    def __init__(self, model_paths, batch_size=8):
+        missing = [o for o in ORIENTATIONS if not model_paths.get(o)]
+        if missing:
+            raise ConfigError(f"feature extraction needs a 2D model per orientation; missing {missing}")
+        self.batch_size = batch_size
+        self.descriptions, self.infos, self.models = {}, {}, {}
+        for orientation in ORIENTATIONS:
+            path = model_paths[orientation]
+            description, info = describe_model(path), read_model_info(path)
+            _check_2d_model(description["path"], info, orientation)
+            self.descriptions[orientation], self.infos[orientation] = description, info
+        reference = self.infos["axial"]
+        for orientation in ORIENTATIONS[1:]:
+            info = self.infos[orientation]
+            for key in ("modalities", "preprocessing"):
+                if info.get(key) != reference.get(key):
+                    raise ConfigError(f"{self.descriptions[orientation]['path']}: its {key} differ from the axial "
+                                      f"model's ({info.get(key)} vs {reference.get(key)}); use three models "
+                                      f"trained on the same records")
+        self.modalities = list(reference["modalities"])
+        self.preprocessing = reference["preprocessing"]
+
+    def _model(self, orientation):
+        if orientation not in self.models:   # loaded on first use
+            full = keras.models.load_model(self.descriptions[orientation]["path"])
+            self.models[orientation] = inference.compiled(unet2d.inference_model(full))
+        return self.models[orientation]
+
+    def extract(self, image):
+        """12 pre-softmax channels (float32) for an image holding `self.modalities` in order."""
+        maps = []
+        for orientation in ORIENTATIONS:
+            maps.append(inference.predict_2d_logits(
+                self._model(orientation), image, orientation,
+                self.infos[orientation]["pooling_factor"], self.batch_size))
+        return np.concatenate(maps, axis=-1)
+
+    def trained_cases(self):
+        """Union of the cases the three models were trained on (None if any is unknown)."""
+        sets = [trained_cases(self.descriptions[o]["path"]) for o in ORIENTATIONS]
+        return None if any(s is None for s in sets) else set().union(*sets)
+
+
+def _check_2d_model(path, info, orientation):
+    if info.get("stage") != "2d" or info.get("subnetwork") is not None:
+        raise ConfigError(f"{path}: not a full 2D model (stage {info.get('stage')!r}, "
+                          f"subnetwork {info.get('subnetwork')!r})")
+    if info.get("orientation") != orientation:
+        raise ConfigError(f"{path}: trained on {info.get('orientation')} slices, given as the {orientation} model")
+
+
+def select_channels(image, stored_modalities, wanted):
+    """Channels of `wanted` modalities from an image holding `stored_modalities`."""
+    return image[..., [list(stored_modalities).index(m) for m in wanted]]
+
+
+def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_size=8,
+                     overwrite=False, verbose=True):
+    """Features of every case of a record set into `out_dir`; returns the manifest.
+
+    model_paths: {"axial": dir, "coronal": dir, "sagittal": dir}.
+    fold_models: optional list of such dicts for cross-fold extraction (module docstring).
+    A re-run with the same models and records continues where a killed run stopped.
+    """
+    records_manifest = reader.load_manifest(records_dir)
+    main = FeatureExtractor(model_paths, batch_size)
+    _check_preprocessing(main, records_manifest, records_dir)
+    folds = [FeatureExtractor(paths, batch_size) for paths in (fold_models or [])]
+    main_trained = main.trained_cases() if folds else None
+    if folds and main_trained is None:
+        raise ConfigError("cross-fold extraction needs the main models' work dirs (their split.json)")
+    for fold in folds:
+        _check_preprocessing(fold, records_manifest, records_dir)
+        if fold.trained_cases() is None:
+            raise ConfigError(f"{fold.descriptions['axial']['path']}: fold models need their work dir's split.json")
+    manifest = {
+        "format_version": FORMAT_VERSION, "dtype": np.dtype(FEATURE_DTYPE).name,
+        "records_dir": os.path.abspath(records_dir), "channels": channel_names(),
+        "kind": _common_kind(main), "modalities": main.modalities,
+        "preprocessing": {k: records_manifest[k] for k in PREPROCESSING_KEYS},
+        "models": main.descriptions,
+        "cross_fold": {"folds": [f.descriptions for f in folds]} if folds else None,
+        "cases": {}, "complete": False,
+    }
+    manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
+    case_ids = [c["case_id"] for c in records_manifest["cases"]]
+    todo = [i for i in case_ids if i not in manifest["cases"]]
+    for number, record_case in enumerate(reader.read_cases(records_dir, todo) if todo else [], 1):
+        case = record_case.prepared
+        source = _source_for(case.case_id, main_trained, folds)
+        extractor = main if source == "main" else folds[int(source[4:])]
+        image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
+        features = extractor.extract(image).astype(FEATURE_DTYPE)
+        name = f"{case.case_id}.npy"
+        atomic_write(os.path.join(out_dir, name), lambda p: _save_npy(p, features))
+        manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
+        _write_manifest(out_dir, manifest)
+        if verbose:
+            print(f"  [{len(case_ids) - len(todo) + number}/{len(case_ids)}] {case.case_id}: "
+                  f"{features.shape} from {source} models", file=sys.stderr, flush=True)
+    manifest["complete"] = True
+    _write_manifest(out_dir, manifest)
+    return manifest
+
+
+def _common_kind(extractor):
+    kinds = {d["kind"] for d in extractor.descriptions.values()}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+def _check_preprocessing(extractor, records_manifest, records_dir):
+    stored = {k: records_manifest[k] for k in PREPROCESSING_KEYS}
+    if extractor.preprocessing != stored:
+        raise ConfigError(f"{records_dir}: records prepared as {stored}, but the 2D models "
+                          f"({extractor.descriptions['axial']['path']}) were trained on {extractor.preprocessing}")
+    missing = [m for m in extractor.modalities if m not in records_manifest["modalities"]]
+    if missing:
+        raise ConfigError(f"{records_dir}: records lack modalities {missing} that the 2D models need")
+
+
+def _source_for(case_id, main_trained, folds):
+    """'main', or 'fold<i>' for a case the main models were trained on (cross-fold)."""
+    if not folds or case_id not in main_trained:
+        return "main"
+    for index, fold in enumerate(folds):
+        if case_id not in fold.trained_cases():
+            return f"fold{index}"
+    raise ConfigError(f"case {case_id}: every fold's 2D models were trained on it; "
+                      f"cross-fold extraction needs a fold that left it out")
+
+
+def _resume_or_start(out_dir, manifest, overwrite):
+    """Cases already extracted by an interrupted run with the same models; {} otherwise."""
+    path = os.path.join(out_dir, MANIFEST)
+    if not os.path.exists(path):
+        if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+            raise ConfigError(f"{out_dir}: exists and is not a feature folder; choose another --out_dir")
+        return {}
+    with open(path) as f:
+        old = json.load(f)
+    same = {k: v for k, v in old.items() if k not in ("cases", "complete")} == \
+           {k: v for k, v in manifest.items() if k not in ("cases", "complete")}
+    if same:
+        return {i: c for i, c in old["cases"].items() if os.path.isfile(os.path.join(out_dir, c["file"]))}
+    if not overwrite:
+        raise ConfigError(f"{out_dir}: holds features from other models or records; pass --overwrite "
+                          f"or choose another --out_dir")
+    for case in old.get("cases", {}).values():   # only our own files
+        file = os.path.join(out_dir, case["file"])
+        if os.path.isfile(file):
+            os.remove(file)
+    return {}
+
+
+def _save_npy(path, array):
+    with open(path, "wb") as f:
+        np.save(f, array, allow_pickle=False)
+
+
+def _write_manifest(out_dir, manifest):
+    def write(p):
+        with open(p, "w") as f:
+            json.dump(manifest, f, indent=1, sort_keys=True)
+    atomic_write(os.path.join(out_dir, MANIFEST), write)
+
+
+# --- loading for the 3D stage -----------------------------------------------------------------
+
+def load_manifest(features_dir):
+    path = os.path.join(features_dir, MANIFEST)
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except FileNotFoundError:
+        raise DataError(path, "no feature manifest here; extract features with data_prep.extract_features") from None
+    except json.JSONDecodeError as err:
+        raise DataError(path, f"feature manifest is not valid JSON ({err.msg})") from None
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise DataError(path, f"feature format {manifest.get('format_version')} is not {FORMAT_VERSION}; re-extract")
+    return manifest
+
+
+def check_request(manifest, features_dir, kind=None, cross_fold=False, model_paths=None):
+    """Refuses (ConfigError, one line) features that are not what a 3D config asks for.
+
+    kind: the 2D model kind the features must come from (None: any);
+    cross_fold: whether training-case features must come from cross-fold models;
+    model_paths: optional {orientation: path}: the features must come from exactly these
+    models (by content hash).
+    """
+    where = os.path.join(features_dir, MANIFEST)
+    if not manifest.get("complete"):
+        raise ConfigError(f"{where}: extraction did not finish; re-run data_prep.extract_features")
+    if kind is not None and manifest.get("kind") != kind:
+        raise ConfigError(f"{where}: features come from 2D {manifest.get('kind')} models, the config asks for "
+                          f"{kind} (features.kind)")
+    if bool(cross_fold) != bool(manifest.get("cross_fold")):
+        raise ConfigError(f"{where}: features were extracted {'with' if manifest.get('cross_fold') else 'without'} "
+                          f"cross-fold models, the config asks for features.cross_fold={bool(cross_fold)}")
+    for orientation, path in (model_paths or {}).items():
+        wanted = file_sha256(model_file(path))
+        stored = manifest["models"][orientation]
+        if stored["sha256"] != wanted:
+            raise ConfigError(f"{where}: {orientation} features come from {stored['path']} "
+                              f"(sha256 {stored['sha256'][:12]}), not from {model_file(path)} (sha256 {wanted[:12]})")
+
+
+def load_features(features_dir, case_ids, shapes=None):
+    """{case_id: (X, Y, Z, 12) float16} for the given cases; `shapes` (case_id -> (X, Y, Z))
+    checks they lie on the cases' cropped grids."""
+    manifest = load_manifest(features_dir)
+    loaded = {}
+    for case_id in case_ids:
+        entry = manifest["cases"].get(case_id)
+        if entry is None:
+            raise DataError(os.path.join(features_dir, MANIFEST), f"no features for case {case_id}")
+        path = os.path.join(features_dir, entry["file"])
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise DataError(path, f"cannot read features ({err})") from None
+        if shapes is not None and tuple(array.shape[:3]) != tuple(shapes[case_id]):
+            raise DataError(path, f"features of shape {array.shape[:3]} do not match the case grid "
+                                  f"{tuple(shapes[case_id])}; were they extracted from other records?")
+        loaded[case_id] = array
+    return loaded
+
+
+def fold_train_cases(case_ids, num_folds, seed=0):
+    """For cross-fold extraction: the training-case list of each fold's 2D models (each
+    leaves one seeded fold of the sorted ids out)."""
+    ids = sorted(case_ids)
+    if not 2 <= num_folds <= len(ids):
+        raise ConfigError(f"num_folds={num_folds}: need 2 <= folds <= {len(ids)} cases")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    held_out = [set(order[k::num_folds].tolist()) for k in range(num_folds)]
+    return [[ids[i] for i in range(len(ids)) if i not in fold] for fold in held_out]
+
+
+def write_fold_splits(main_model_dir, fold_root, num_folds, seed=0):
+    """Prepares the work dirs of the cross-fold 2D models: `<fold_root>/fold<k>/<orientation>/
+    split.json`, which the 2D trainer then uses as is. Fold k trains on the main models'
+    training cases minus fold k (and never on their validation cases). Returns the fold dirs,
+    for `extract_features(fold_models=...)` once they are trained."""
+    split_path = os.path.join(os.path.dirname(model_file(main_model_dir)), "split.json")
+    if not os.path.isfile(split_path):
+        raise DataError(split_path, "no split.json: pass the main 2D model's work dir")
+    with open(split_path) as f:
+        main_split = json.load(f)
+    folds = []
+    for k, train in enumerate(fold_train_cases(main_split["train"], num_folds, seed)):
+        folder = os.path.join(os.path.abspath(fold_root), f"fold{k}")
+        for orientation in ORIENTATIONS:
+            split = {"train": train, "val": sorted(main_split["val"])}
+            atomic_write(os.path.join(folder, orientation, "split.json"),
+                         lambda p: _write_text(p, json.dumps(split, indent=1)))
+        folds.append(folder)
+    return folds
+
+
+def _write_text(path, text):
+    with open(path, "w") as f:
+        f.write(text)

@@ -1,0 +1,201 @@
+"""3D models [M §2.1, Fig. 4, Fig. 9 bottom; METHOD §3]: the standard 3D model and the
+2D-3D models A, B and C.
+
+All are 3D U-Net-like, with valid (unpadded) convolutions, ReLU, no batch normalization
+and 4 output classes. A 70³ input patch gives the 26³ block at its center, and **every
+output voxel depends on exactly the 45³ input block centered on it** (tested by
+measurement in tests/test_unet3d.py).
+
+Why dilation rather than decimation: a U-Net that max-pools by 2 and upsamples cannot
+have a 45³ receptive field — 2×2 pooling windows make it even-sized, and decimation
+makes it depend on the voxel's position modulo 4 (worked out exactly in 1D for 70 -> 26
+valid designs: 46 to 50 voxels wide, off-center). This U-Net keeps the U-Net shape
+(levels, max-pooling, same-scale skip concatenations) but runs every level at full
+resolution: pooling windows are 3³ with stride 1, and each deeper level's convolutions
+and pooling are dilated by 2 ("à trous", the dense evaluation of a decimated network).
+The model is then exactly shift-equivariant and symmetric. A bonus at inference: any
+input size works (n + 44 -> n), so whole volumes are tiled with large tiles.
+
+Layout (sizes for a 70³ input; `d` = dilation):
+
+    level 0: 2 conv d1            70 -> 66   (skip 0)
+    max-pool 3³ d1                66 -> 64
+    level 1: 2 conv d2            64 -> 56   (skip 1)
+    max-pool 3³ d2                56 -> 52
+    bottom:  2 conv d4            52 -> 36
+    up 1:    concat(skip 1 cropped), 2 conv d2   36 -> 28
+    up 0:    concat(skip 0 cropped)              28        <- the "body" ends here
+    final:   conv 3³, conv 1³, classifier 1³     28 -> 26
+
+Receptive field: 1 + 4 + 2 + 8 + 4 + 16 + 8 + 2 = 45.
+
+Models (input: K image channels, then F feature channels for 2D-3D models, as
+`records.patches.PatchSampler(features=...)` delivers them):
+- standard: the U-Net on the K image channels.
+- A: the U-Net on all K + F channels (features at the input) [Fig. 4].
+- B: the body on the image channels; the features, cropped to the body's extent, are
+  concatenated before the final conv sequence [Fig. 9 bottom left].
+- C: two bodies (streams), one on the image channels, one on image + features,
+  concatenated before the final conv sequence [Fig. 9 bottom right].
+
+Output: one output named `main`, logits (no softmax). Layer names are `<stream>.<block>`.
+"""
+
+import dataclasses
+
+import keras
+from keras import layers, ops
+
+from brats_tf.constants import NUM_CLASSES
+from brats_tf.models.blocks import SelectChannels
+
+KINDS = ("standard", "A", "B", "C")
+RECEPTIVE_FIELD = 45
+MARGIN = (RECEPTIVE_FIELD - 1) // 2   # input voxels on each side of the output block
+BODY_SHRINK = RECEPTIVE_FIELD - 3     # the final 3³ conv takes the last 2 voxels
+
+
+@dataclasses.dataclass(frozen=True)
+class Filters3D:
+    """Feature maps per level (level 0, level 1, bottom) and of the final conv sequence."""
+
+    levels: tuple
+    final: int
+
+
+PRESETS = {
+    # Not given in [M]'s text; 3D U-Net-like widths. Full-resolution levels make wide
+    # deep levels costly, hence a modest bottom width.
+    "paper": Filters3D(levels=(32, 48, 64), final=64),
+    "small": Filters3D(levels=(8, 12, 16), final=16),
+}
+
+
+def resolve_filters(preset="small", levels=None, final=None):
+    if preset not in PRESETS:
+        raise ValueError(f"unknown 3D preset {preset!r}; known: {sorted(PRESETS)}")
+    filters = PRESETS[preset]
+    if levels is not None:
+        levels = tuple(int(f) for f in levels)
+        if len(levels) != 3 or min(levels) < 1:
+            raise ValueError(f"levels must be 3 positive filter counts, got {levels}")
+        filters = dataclasses.replace(filters, levels=levels)
+    if final is not None:
+        filters = dataclasses.replace(filters, final=int(final))
+    return filters
+
+
+def output_size(input_size):
+    """Side of the predicted block for an input block of side `input_size`."""
+    if input_size < RECEPTIVE_FIELD:
+        raise ValueError(f"input size {input_size} is smaller than the receptive field {RECEPTIVE_FIELD}")
+    return input_size - 2 * MARGIN
+
+
+def needs_features(kind):
+    _check_kind(kind)
+    return kind != "standard"
+
+
+def _check_kind(kind):
+    if kind not in KINDS:
+        raise ValueError(f"unknown 3D model kind {kind!r}; known: {KINDS}")
+
+
+@keras.saving.register_keras_serializable(package="brats_tf")
+class DilatedMaxPool3D(layers.Layer):
+    """Max over a 3×3×3 window whose taps are `rate` voxels apart, stride 1, valid:
+    each spatial side shrinks by 2 * rate. Separable (max along x, then y, then z)."""
+
+    def __init__(self, rate=1, **kwargs):
+        super().__init__(**kwargs)
+        self.rate = int(rate)
+
+    def call(self, x):
+        r = self.rate
+        for axis in (1, 2, 3):
+            taps = [_slice_axis(x, axis, start, -2 * r + start if start < 2 * r else None)
+                    for start in (0, r, 2 * r)]
+            x = ops.maximum(ops.maximum(taps[0], taps[1]), taps[2])
+        return x
+
+    def compute_output_shape(self, shape):
+        shrink = lambda n: None if n is None else n - 2 * self.rate
+        return (shape[0], *(shrink(n) for n in shape[1:4]), shape[4])
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+
+def _slice_axis(x, axis, start, stop):
+    index = [slice(None)] * 5
+    index[axis] = slice(start, stop)
+    return x[tuple(index)]
+
+
+def _conv(x, filters, name, dilation=1, kernel_size=3):
+    return layers.Conv3D(filters, kernel_size, dilation_rate=dilation, padding="valid",
+                         activation="relu", name=name)(x)
+
+
+def _crop_to(skip, shrink, name):
+    """Centered crop of a skip connection by `shrink` voxels per side (a constant: valid
+    convolutions shrink every input size by the same amount)."""
+    return layers.Cropping3D(shrink // 2, name=name)(skip)
+
+
+def body(x, filters, prefix):
+    """The U-Net up to the last concatenation; shrinks each side by BODY_SHRINK (42)."""
+    f0, f1, f2 = filters.levels
+    x = _conv(x, f0, f"{prefix}.down0a")
+    skip0 = _conv(x, f0, f"{prefix}.down0b")
+    x = DilatedMaxPool3D(1, name=f"{prefix}.pool0")(skip0)
+    x = _conv(x, f1, f"{prefix}.down1a", dilation=2)
+    skip1 = _conv(x, f1, f"{prefix}.down1b", dilation=2)
+    x = DilatedMaxPool3D(2, name=f"{prefix}.pool1")(skip1)
+    x = _conv(x, f2, f"{prefix}.bottom_a", dilation=4)
+    x = _conv(x, f2, f"{prefix}.bottom_b", dilation=4)
+    # Shrinks (whole side) from each skip to here: skip1 -> pool1 (4) + two d4 convs (16) = 20;
+    x = layers.Concatenate(name=f"{prefix}.concat1")([_crop_to(skip1, 20, f"{prefix}.crop1"), x])
+    x = _conv(x, f1, f"{prefix}.up1a", dilation=2)
+    x = _conv(x, f1, f"{prefix}.up1b", dilation=2)
+    # skip0 -> pool0 (2) + two d2 convs (8) + 20 + two d2 convs (8) = 38.
+    return layers.Concatenate(name=f"{prefix}.concat0")([_crop_to(skip0, 38, f"{prefix}.crop0"), x])
+
+
+def final_sequence(x, filters, num_classes):
+    """conv 3³, conv 1³, classification layer `main` (logits): shrinks by 2."""
+    x = _conv(x, filters.final, "final.conv_a")
+    x = _conv(x, filters.final, "final.conv_b", kernel_size=1)
+    return layers.Conv3D(num_classes, 1, name="main")(x)
+
+
+def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset="small",
+                   num_classes=NUM_CLASSES, input_size=None, levels=None, final=None):
+    """One of the 3D models (see the module docstring).
+
+    The input `patch` has num_image_channels + num_features channels (features last);
+    `input_size` fixes its side (None: any size >= 45, as used for tiled inference).
+    """
+    _check_kind(kind)
+    if needs_features(kind) and num_features < 1:
+        raise ValueError(f"2D-3D model {kind} needs feature channels (num_features >= 1)")
+    if kind == "standard" and num_features:
+        raise ValueError("the standard 3D model takes no feature channels")
+    if input_size is not None:
+        output_size(input_size)   # validates
+    filters = resolve_filters(preset, levels, final)
+    k, f = int(num_image_channels), int(num_features)
+    patch = keras.Input((input_size,) * 3 + (k + f,), name="patch")
+    image = lambda x: SelectChannels(range(k), name="image")(x)
+    if kind in ("standard", "A"):
+        merged = body(patch, filters, "stream")
+    elif kind == "B":
+        features = SelectChannels(range(k, k + f), name="features")(patch)
+        cropped = layers.Cropping3D(BODY_SHRINK // 2, name="features.crop")(features)
+        merged = layers.Concatenate(name="features.concat")([body(image(patch), filters, "stream"), cropped])
+    else:   # C: an image-only stream and an image + features stream
+        merged = layers.Concatenate(name="streams.concat")(
+            [body(image(patch), filters, "image_stream"), body(patch, filters, "feature_stream")])
+    logits = final_sequence(merged, filters, num_classes)
+    return keras.Model(patch, [logits], name=f"unet3d_{kind}")

@@ -1,0 +1,57 @@
+r"""Segments cases with exported models; writes <case_id>_seg.nii.gz in the input's geometry.
+
+    python -m brats_tf.segment --case_dir CASE [--layout_file L.json] \
+        --models AX,COR,SAG,MODEL3D[,MODEL3D...] --out_dir OUT
+    python -m brats_tf.segment --t1 T1 --t1c T1C --t2 T2 --flair FLAIR --models M --out_dir OUT
+
+--models: exported model dirs (or model.keras files): 2D models, 3D models, and the
+three 2D models a 2D-3D model takes its features from (found by content hash). Several
+segmenting models are fused by the hierarchical vote. Also writes
+<case_id>_volumes.json (mL per WT/TC/ET), and on request the per-class probabilities
+(--save_probabilities) and the vote-proportion maps P_tumor/P_core/P_enh
+(--save_proportions).
+"""
+
+from absl import app, flags
+
+from brats_tf import ensemble, segmentation
+from brats_tf.constants import OUTPUT_LABEL_MAPS
+from brats_tf.errors import run_main
+from brats_tf.io.cases import LAYOUT_CHOICES
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("case_dir", None, "A case folder (or a folder of cases) in any supported layout.")
+flags.DEFINE_enum("layout", "auto", LAYOUT_CHOICES, "On-disk layout of --case_dir.")
+flags.DEFINE_string("layout_file", None, "Generic layout JSON for --case_dir (overrides --layout).")
+for _modality in segmentation.MODALITY_FLAGS:
+    flags.DEFINE_string(_modality, None, f"{_modality} image file (instead of --case_dir).")
+flags.DEFINE_string("mask", None, "Optional brain-mask file for explicit modality files.")
+flags.DEFINE_string("case_id", None, "Case id for explicit files (default: from the file names).")
+flags.DEFINE_list("models", None, "Exported model dirs or model.keras files.", required=True)
+flags.DEFINE_string("out_dir", None, "Output folder.", required=True)
+flags.DEFINE_enum("label_convention", "brats2017", sorted(OUTPUT_LABEL_MAPS),
+                  "Labels written: brats2017 (0/1/2/4) or brats2023 (0/1/2/3).")
+flags.DEFINE_list("thresholds", [str(t) for t in ensemble.DEFAULT_THRESHOLDS],
+                  "Vote thresholds T_tumor,T_core,T_enh (several segmenting models).")
+flags.DEFINE_bool("save_probabilities", False, "Also write <case_id>_probabilities.nii.gz (4 classes).")
+flags.DEFINE_bool("save_proportions", False, "Also write the vote-proportion maps <case_id>_P_*.nii.gz.")
+flags.DEFINE_integer("batch_size", 8, "2D slices per forward pass.", lower_bound=1)
+flags.DEFINE_integer("tile_size", 64, "Largest side of the output block of one 3D tile (its input: +44); "
+                     "memory grows with its cube.", lower_bound=1)
+
+
+def main(argv):
+    del argv
+    files = {m: getattr(FLAGS, m) for m in segmentation.MODALITY_FLAGS}
+    results = segmentation.segment(
+        FLAGS.models, FLAGS.out_dir, case_dir=FLAGS.case_dir, files=files, layout=FLAGS.layout,
+        layout_file=FLAGS.layout_file, case_id=FLAGS.case_id, mask=FLAGS.mask,
+        label_convention=FLAGS.label_convention, thresholds=FLAGS.thresholds,
+        save_probabilities=FLAGS.save_probabilities, save_proportions=FLAGS.save_proportions,
+        batch_size=FLAGS.batch_size, tile_size=FLAGS.tile_size)
+    for case_id, written in results:
+        print(f"{case_id}: {written['seg']}")
+
+
+if __name__ == "__main__":
+    app.run(run_main(main))

@@ -1,0 +1,306 @@
+"""Segmenting new cases with exported models: the library behind `python -m brats_tf.segment`.
+
+Models are trainer work dirs (or their `model.keras`, with `model_info.json` beside it):
+- a 2D model segments slice by slice in its orientation;
+- a 2D-3D model (A, B, C) needs the three 2D models that made its training features; they
+  are found among the given models by the sha256 recorded at training (or at their
+  recorded paths, if the file there still has that hash), run first, and their 12
+  pre-softmax maps fed to the 3D model with the image (the chain);
+- a standard 3D model runs on the image alone.
+Every model that is not only a feature extractor for a given 3D model produces a label
+map; several label maps are fused by the hierarchical vote of METHOD §6.
+
+Each case is prepared exactly as each model's `model_info.json` says (normalization,
+scale, crop margin, stored modalities), predictions are made on the cropped grid, and
+the result is pasted back into the input's exact grid and geometry.
+"""
+
+import json
+import os
+import re
+import sys
+from dataclasses import dataclass, field
+
+import keras
+import numpy as np
+
+from brats_tf import ensemble, features as features_lib, inference, preprocess
+from brats_tf.constants import OUTPUT_LABEL_MAPS, REGIONS
+from brats_tf.errors import ConfigError, DataError
+from brats_tf.io.cases import Case, Source, discover_cases, load_case, map_labels
+from brats_tf.io.nifti import atomic_write, save_volume
+from brats_tf.models import unet2d, unet3d
+from brats_tf.records.slices import ORIENTATIONS
+
+MODALITY_FLAGS = ("t1", "t1c", "t2", "flair")
+
+
+@dataclass
+class ExportedModel:
+    """One exported model: its file, `model_info.json`, content hash; Keras model on demand."""
+    path: str
+    info: dict
+    sha256: str
+    _model: object = field(default=None, repr=False)
+
+    @property
+    def stage(self):
+        return self.info.get("stage")
+
+    @property
+    def needs_features(self):
+        return self.stage == "3d" and bool(self.info.get("num_features"))
+
+    @property
+    def keras_model(self):
+        """The network used for prediction: main logits only (auxiliary heads dropped)."""
+        if self._model is None:
+            model = keras.models.load_model(self.path)
+            self._model = inference.compiled(unet2d.inference_model(model) if self.stage == "2d" else model)
+        return self._model
+
+    def describe(self):
+        what = f"{self.stage} {self.info.get('kind')}"
+        return f"{what} {self.info.get('orientation')}" if self.stage == "2d" else what
+
+
+def load_exported(path):
+    file = features_lib.model_file(path)
+    if not os.path.isfile(file):
+        raise DataError(file, "model file not found (pass a trainer work dir or its model.keras)")
+    info = features_lib.read_model_info(file)
+    if info.get("stage") not in ("2d", "3d"):
+        raise ConfigError(f"{file}: a {info.get('stage')!r} model cannot segment here (2d and 3d models can)")
+    if info.get("stage") == "2d" and info.get("subnetwork") is not None:
+        raise ConfigError(f"{file}: a pretrained subnetwork alone, not a segmentation model")
+    if "preprocessing" not in info:
+        raise ConfigError(f"{file}: model_info.json has no preprocessing record; re-export the model")
+    return ExportedModel(file, info, features_lib.file_sha256(file))
+
+
+@dataclass
+class Plan:
+    """What to run: `final` models give label maps; `chains[i]` is the {orientation: model}
+    feature triple of final[i] (None when it takes no features)."""
+    final: list
+    chains: list
+
+
+def plan_models(paths):
+    models = [load_exported(p) for p in paths]
+    if not models:
+        raise ConfigError("--models: give at least one exported model")
+    by_hash = {m.sha256: m for m in models}
+    chains, extractors = [], set()
+    for model in models:
+        chain = _find_chain(model, by_hash) if model.needs_features else None
+        chains.append(chain)
+        extractors |= {m.sha256 for m in (chain or {}).values()}
+    final = [(m, c) for m, c in zip(models, chains) if m.sha256 not in extractors or m.stage == "3d"]
+    return Plan([m for m, _ in final], [c for _, c in final])
+
+
+def _find_chain(model, by_hash):
+    """The three 2D models whose features a 2D-3D model was trained on."""
+    recorded = (model.info.get("features") or {}).get("models")
+    if not recorded:
+        raise ConfigError(f"{model.path}: model_info.json does not name the 2D models of its features")
+    chain = {}
+    for orientation in ORIENTATIONS:
+        wanted = recorded[orientation]
+        found = by_hash.get(wanted["sha256"])
+        if found is None and os.path.isfile(wanted["path"]) and \
+                features_lib.file_sha256(wanted["path"]) == wanted["sha256"]:
+            found = load_exported(wanted["path"])
+            by_hash[found.sha256] = found
+        if found is None:
+            raise ConfigError(f"{model.path}: needs its {orientation} 2D model (sha256 {wanted['sha256'][:12]}, "
+                              f"trained as {wanted['path']}); add it to --models")
+        chain[orientation] = found
+    return chain
+
+
+# --- input cases -------------------------------------------------------------------------------
+
+def cases_from_dir(case_dir, layout="auto", layout_file=None):
+    return discover_cases(case_dir, layout, layout_file)
+
+
+def case_from_files(files, case_id=None, mask=None):
+    """A case from explicit modality files {modality: path} (any subset)."""
+    files = {m: os.path.abspath(p) for m, p in files.items() if p}
+    if not files:
+        raise ConfigError("give --case_dir or at least one of --t1 --t1c --t2 --flair")
+    for path in list(files.values()) + ([mask] if mask else []):
+        if not os.path.isfile(path):
+            raise DataError(path, "file not found")
+    case_id = case_id or _case_id_from_names(list(files.values()))
+    images = {m: Source(files[m]) for m in MODALITY_FLAGS if m in files}
+    return Case(case_id, "files", images, {}, mask=Source(os.path.abspath(mask)) if mask else None)
+
+
+def _case_id_from_names(paths):
+    """The file names' common stem without the modality tag: BraTS-GLI-00001-000-t1n.nii.gz,
+    ...-t2f.nii.gz -> BraTS-GLI-00001-000."""
+    stems = [re.sub(r"\.nii(\.gz)?$", "", os.path.basename(p)) for p in paths]
+    if len(stems) == 1:
+        prefix = re.sub(r"[-_](t1n?|t1c|t1ce|t1gd|t2w?|t2f|flair|fla)(_bet)?$", "", stems[0], flags=re.IGNORECASE)
+    else:
+        prefix = os.path.commonprefix(stems)
+        if not prefix.endswith(("-", "_", ".")):   # cut a shared start of the tags ("-t" of -t1n, -t2f)
+            prefix = prefix[:max(prefix.rfind("-"), prefix.rfind("_"), 0)]
+    return prefix.rstrip("-_.") or "case"
+
+
+# --- preparing and predicting ------------------------------------------------------------------
+
+class PreparedInputs:
+    """A case prepared once per distinct preprocessing recipe; model inputs cut from it."""
+
+    def __init__(self, case):
+        self.case = case
+        self.cache = {}
+        self.geometry = None
+
+    def prepared(self, recipe):
+        key = json.dumps(recipe, sort_keys=True)
+        if key not in self.cache:
+            present = [m for m in recipe["modalities"] if m in self.case.images]
+            if not present:
+                raise DataError(self.case.case_id, f"none of the modalities {recipe['modalities']} is present")
+            loaded = load_case(self.case, present, with_label=False)
+            self.geometry = self.geometry or loaded.geometry
+            scale = recipe["median_scale"] if recipe["median_scale"] is not None else preprocess.DEFAULT_MEDIAN_SCALE
+            prepared = preprocess.prepare_case(loaded, recipe["normalization"], scale, recipe["crop_margin"])
+            self.cache[key] = (prepared, present)
+        return self.cache[key]
+
+    def image_for(self, model):
+        """The model's input channels on its recipe's cropped grid (float32)."""
+        prepared, present = self.prepared(model.info["preprocessing"])
+        return prepared.image[..., [present.index(m) for m in model.info["modalities"]]]
+
+
+def check_modalities(case, models):
+    """Refuses a case lacking a modality some model needs, before any work."""
+    for model in models:
+        missing = [m for m in model.info["modalities"] if m not in case.images]
+        if missing:
+            where = case.missing.get(missing[0], case.case_id)
+            raise DataError(where, f"case {case.case_id} has no {', '.join(missing)} image, which the "
+                                   f"{model.describe()} model {model.path} needs (it uses "
+                                   f"{', '.join(model.info['modalities'])})")
+
+
+def predict_2d(model, image, batch_size):
+    return inference.predict_2d_logits(model.keras_model, image, model.info["orientation"],
+                                       model.info["pooling_factor"], batch_size)
+
+
+def chain_features(chain, inputs, batch_size, cache):
+    """The 12 feature channels of a chain (cached per triple), rounded to float16 as stored
+    for training."""
+    key = tuple(chain[o].sha256 for o in ORIENTATIONS)
+    if key not in cache:
+        maps = [predict_2d(chain[o], inputs.image_for(chain[o]), batch_size) for o in ORIENTATIONS]
+        cache[key] = np.concatenate(maps, axis=-1).astype(features_lib.FEATURE_DTYPE)
+    return cache[key]
+
+
+def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
+    """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model is
+    tiled with output tiles of side <= tile_size (input + 44), each voxel predicted once."""
+    image = inputs.image_for(model)
+    if model.stage == "2d":
+        return predict_2d(model, image, batch_size)
+    if chain is not None:
+        features = chain_features(chain, inputs, batch_size, feature_cache)
+        if features.shape[:3] != image.shape[:3]:
+            raise ConfigError(f"{model.path}: its 2D models were trained on differently prepared data "
+                              f"(grid {features.shape[:3]} vs {image.shape[:3]})")
+        image = np.concatenate([np.asarray(image, np.float16), features], axis=-1)
+    tile = inference.fitted_tile_size(image.shape[:3], tile_size)
+    return inference.predict_tiled_3d(model.keras_model, image, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+
+
+def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,
+                 save_probabilities=False, save_proportions=False, batch_size=8, tile_size=64):
+    """Segments one case with the plan's models; writes the outputs; returns their paths."""
+    check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    inputs, feature_cache = PreparedInputs(case), {}
+    labels, probability_sum = [], None
+    for model, chain in zip(plan.final, plan.chains):
+        logits = predict_model(model, chain, inputs, batch_size, tile_size, feature_cache)
+        prepared, _ = inputs.prepared(model.info["preprocessing"])
+        # Tumor only inside the brain: the crop margin and background carry no tumor.
+        labels.append(preprocess.paste(np.where(prepared.brain, np.argmax(logits, -1), 0).astype(np.uint8),
+                                       prepared.box))
+        if save_probabilities:   # a running sum keeps one full-size 4-class volume in memory
+            pasted = _paste_probabilities(inference.softmax(logits), prepared.box)
+            probability_sum = pasted if probability_sum is None else probability_sum + pasted
+        del logits
+    fused, proportions = ensemble.hierarchical_vote(labels, thresholds) if len(labels) > 1 else \
+        (labels[0], ensemble.vote_proportions(labels))
+    return write_outputs(case.case_id, inputs.geometry, fused, out_dir, label_convention,
+                         probability_sum / len(labels) if save_probabilities else None,
+                         proportions if save_proportions else None, [m.path for m in plan.final])
+
+
+def _paste_probabilities(probabilities, box):
+    """Outside the crop box everything is certainly non-tumor."""
+    full = preprocess.paste(probabilities.astype(np.float32), box)
+    full[..., 0] += 1.0 - preprocess.paste(np.ones(box.shape, np.float32), box)
+    return full
+
+
+def region_volumes_ml(labels, spacing):
+    """mL per region (WT, TC, ET) of an internal label map with voxel spacing in mm."""
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    return {name: round(float(np.isin(labels, classes).sum()) * voxel_ml, 4) for name, classes in REGIONS.items()}
+
+
+def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models):
+    if label_convention not in OUTPUT_LABEL_MAPS:
+        raise ConfigError(f"label_convention={label_convention!r}: use one of {sorted(OUTPUT_LABEL_MAPS)}")
+    written = {}
+    seg = os.path.join(out_dir, f"{case_id}_seg.nii.gz")
+    save_volume(seg, map_labels(labels, OUTPUT_LABEL_MAPS[label_convention], seg).astype(np.uint8), geometry)
+    written["seg"] = seg
+    if probabilities is not None:
+        written["probabilities"] = os.path.join(out_dir, f"{case_id}_probabilities.nii.gz")
+        save_volume(written["probabilities"], probabilities.astype(np.float32), geometry)
+    for name, values in (proportions or {}).items():
+        written[f"P_{name}"] = os.path.join(out_dir, f"{case_id}_P_{name}.nii.gz")
+        save_volume(written[f"P_{name}"], values.astype(np.float32), geometry)
+    volumes = {"case_id": case_id, "spacing_mm": list(geometry.spacing),
+               "voxel_volume_ml": float(np.prod(geometry.spacing)) / 1000.0,
+               "volumes_ml": region_volumes_ml(labels, geometry.spacing),
+               "regions": {k: list(v) for k, v in REGIONS.items()}, "label_convention": label_convention,
+               "models": models}
+    written["volumes"] = os.path.join(out_dir, f"{case_id}_volumes.json")
+    atomic_write(written["volumes"], lambda p: _dump_json(p, volumes))
+    return written
+
+
+def _dump_json(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=1)
+
+
+def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_file=None, case_id=None,
+            mask=None, verbose=True, **options):
+    """Segments the case(s) in `case_dir` (any layout) or the explicit `files`; returns
+    [(case_id, written paths)]. options: see `segment_case`."""
+    if bool(case_dir) == bool(files and any(files.values())):
+        raise ConfigError("give either --case_dir or modality files (--t1 --t1c --t2 --flair), not both")
+    cases = cases_from_dir(case_dir, layout, layout_file) if case_dir else [case_from_files(files, case_id, mask)]
+    plan = plan_models(models)
+    for case in cases:   # refuse before any heavy work
+        check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    results = []
+    for case in cases:
+        written = segment_case(case, plan, out_dir, **options)
+        results.append((case.case_id, written))
+        if verbose:
+            print(f"{case.case_id}: {written['seg']}", file=sys.stderr, flush=True)
+    return results

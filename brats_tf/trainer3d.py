@@ -1,0 +1,85 @@
+"""The 3D stage's trainer: the standard 3D model and 2D-3D models A, B, C on class-balanced
+3D patches (image channels, then the 12 stored 2D feature channels for 2D-3D models)."""
+
+import numpy as np
+
+from brats_tf import features as features_lib
+from brats_tf import inference
+from brats_tf.errors import ConfigError
+from brats_tf.models import unet3d
+from brats_tf.records.patches import SAMPLING, PatchSampler
+from brats_tf.training import Trainer
+from brats_tf.training_data import load_cases
+
+
+class Trainer3D(Trainer):
+
+    def load_data(self, manifest):
+        c = self.config
+        kind = c.model.kind
+        if kind not in unet3d.KINDS:
+            raise ConfigError(f"model.kind={kind!r}: use one of {unet3d.KINDS}")
+        if c.data.sampling not in SAMPLING:
+            raise ConfigError(f"data.sampling={c.data.sampling!r}: use one of {SAMPLING}")
+        if c.model.input_size < unet3d.RECEPTIVE_FIELD:
+            raise ConfigError(f"model.input_size={c.model.input_size}: must be >= the receptive field "
+                              f"{unet3d.RECEPTIVE_FIELD}")
+        output_size = unet3d.output_size(c.model.input_size)
+        modalities = list(c.data.modalities or manifest["modalities"])
+        missing = [m for m in modalities if m not in manifest["modalities"]]
+        if missing:
+            raise ConfigError(f"data.modalities {missing} are not in the records ({manifest['modalities']})")
+        channels = [manifest["modalities"].index(m) for m in modalities]
+        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels)
+        self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels)
+        self.model_spec = {"stage": "3d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
+                           "levels": list(c.model.levels) if c.model.levels else None, "final": c.model.final,
+                           "input_size": c.model.input_size, "output_size": output_size,
+                           "receptive_field": unet3d.RECEPTIVE_FIELD, "num_features": 0, "features": None}
+        self.train_features = self.val_features = None
+        if unet3d.needs_features(kind):
+            self._load_features(manifest)
+
+    def _load_features(self, manifest):
+        c = self.config
+        if not c.features.dir:
+            raise ConfigError(f"2D-3D model {c.model.kind} needs --config.features.dir (data_prep.extract_features)")
+        stored = features_lib.load_manifest(c.features.dir)
+        model_paths = None
+        if c.features.models:
+            paths = [p.strip() for p in c.features.models.split(",")]
+            if len(paths) != 3:
+                raise ConfigError("features.models: give three model dirs, axial,coronal,sagittal")
+            model_paths = dict(zip(features_lib.ORIENTATIONS, paths))
+        features_lib.check_request(stored, c.features.dir, c.features.kind, c.features.cross_fold, model_paths)
+        records_prep = {k: manifest[k] for k in features_lib.PREPROCESSING_KEYS}
+        if stored["preprocessing"] != records_prep:
+            raise ConfigError(f"{c.features.dir}: features were extracted from records prepared as "
+                              f"{stored['preprocessing']}, not as these records ({records_prep})")
+        load = lambda cases: [features_lib.load_features(c.features.dir, [x.case_id], {x.case_id: x.label.shape})
+                              [x.case_id] for x in cases]
+        self.train_features, self.val_features = load(self.train_cases), load(self.val_cases)
+        self.model_spec["num_features"] = int(self.train_features[0].shape[-1])
+        # What segment needs to rebuild the chain: the three 2D models, by content hash.
+        self.model_spec["features"] = {"kind": stored["kind"], "models": stored["models"],
+                                       "cross_fold": bool(stored["cross_fold"]), "channels": stored["channels"],
+                                       "dtype": stored["dtype"]}
+
+    def make_sampler(self, global_batch_size):
+        c, spec = self.config, self.model_spec
+        return PatchSampler(self.train_cases, spec["input_size"], spec["output_size"], global_batch_size,
+                            seed=c.seed, features=self.train_features, sampling=c.data.sampling)
+
+    def build_model(self):
+        spec = self.model_spec
+        return unet3d.build_3d_model(spec["kind"], len(spec["modalities"]), spec["num_features"], spec["preset"],
+                                     levels=spec["levels"], final=spec["final"])
+
+    def predict_labels(self, case):
+        volume = case.image
+        if self.val_features is not None:
+            index = [v.case_id for v in self.val_cases].index(case.case_id)
+            volume = np.concatenate([np.asarray(case.image, np.float16), self.val_features[index]], axis=-1)
+        tile = inference.fitted_tile_size(volume.shape[:3], self.config.train.tile_size)
+        logits = inference.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+        return np.argmax(logits, axis=-1).astype(np.uint8)

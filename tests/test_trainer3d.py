@@ -1,0 +1,133 @@
+"""The 3D trainer: presets, a 2D-3D model A trained on stored features (patches hold every
+class and the right feature voxels), resume, refusal of mismatched features, and the
+`brats_tf.train` dispatch by config.stage."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from brats_tf import features
+from brats_tf.configs import train3d
+from brats_tf.errors import ConfigError
+from brats_tf.models import unet3d
+from brats_tf.preprocess import PreparedCase
+from brats_tf.records.patches import PatchSampler
+from brats_tf.trainer3d import Trainer3D
+from tests.conftest import run_module
+from tests.test_features import export_2d_models, make_records
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trainer3d")
+    records = make_records(root)
+    models = export_2d_models(records, root / "2d")
+    features.extract_features(records, root / "features", models, verbose=False)
+    return records, root / "features", models
+
+
+def _config(records, kind="standard", features_dir=None, iterations=2):
+    c = train3d.get_config("small")
+    c.data.records_dir = str(records)
+    c.model.kind = kind
+    c.model.levels, c.model.final = (2, 3, 4), 3     # tiny widths; the receptive field is fixed
+    c.model.input_size = 49                          # 5³ labels per patch
+    c.features.dir = str(features_dir) if features_dir else None
+    c.data.val_cases = ["Case_3"]
+    c.optim.accumulation_steps = 2
+    c.train.iterations = iterations
+    c.train.checkpoint_every = 1
+    c.train.val_every = 2
+    c.train.tile_size = 32
+    return c
+
+
+def test_presets_say_what_their_names_say():
+    paper, small = train3d.get_config("paper"), train3d.get_config("small")
+    for c in (paper, small):
+        assert c.stage == "3d" and tuple(c.loss.target_weights) == (0.4, 0.2, 0.2, 0.2)
+        assert c.optim.accumulation_steps == 5 and c.data.batch_size >= 4
+        assert unet3d.output_size(c.model.input_size) == c.model.input_size - 44
+    assert paper.model.input_size == 70 and paper.model.preset == "paper"
+    assert (paper.optim.learning_rate, paper.optim.min_learning_rate, paper.optim.period,
+            paper.optim.decrease_ratio) == (0.25, 0.001, 200, 0.98)
+    with pytest.raises(ValueError):
+        train3d.get_config("huge")
+
+
+def test_model_a_trains_on_features_and_records_its_chain(data, tmp_path):
+    records, features_dir, models = data
+    trainer = Trainer3D(_config(records, "A", features_dir), tmp_path)
+    result = trainer.run()
+    assert result["iterations"] == 2
+    assert set(result["validation"]) == {"val_dice_ncr_net", "val_dice_edema", "val_dice_enhancing"}
+    # Patches: image channels then the 12 stored feature channels, every class in every batch.
+    sampler = trainer.sampler
+    stored = features.load_features(features_dir, [c.case_id for c in trainer.train_cases])
+    for b in range(5):
+        x, y = sampler.batch(b)
+        assert x.shape == (4, 49, 49, 49, 4 + 12) and y.shape == (4, 5, 5, 5)
+        assert set(np.unique(y)) == {0, 1, 2, 3}
+        for patch, (case, cx, cy, cz) in zip(x, sampler.batch_centers(b)):
+            case_id = trainer.train_cases[case].case_id
+            np.testing.assert_array_equal(patch[24, 24, 24, 4:], stored[case_id][cx, cy, cz].astype(np.float32))
+    info = json.loads((tmp_path / "model_info.json").read_text())
+    assert info["stage"] == "3d" and info["kind"] == "A" and info["receptive_field"] == 45
+    assert info["num_features"] == 12 and info["output_size"] == 5 and info["modalities"] == ["t1", "t1c", "t2", "flair"]
+    for orientation, path in models.items():
+        assert info["features"]["models"][orientation]["sha256"] == features.file_sha256(f"{path}/model.keras")
+    assert info["preprocessing"]["normalization"] == "median"
+    assert (tmp_path / "model.keras").is_file() and (tmp_path / "tensorboard").is_dir()
+
+
+def test_rerun_resumes_the_standard_model(data, tmp_path):
+    records, _, _ = data
+    Trainer3D(_config(records, iterations=1), tmp_path).run()
+    result = Trainer3D(_config(records, iterations=2), tmp_path).run()
+    assert result["iterations"] == 2
+    with open(tmp_path / "train_log.csv") as f:
+        assert [int(r["iteration"]) for r in csv.DictReader(f)] == [1, 2]
+    info = json.loads((tmp_path / "model_info.json").read_text())
+    assert info["kind"] == "standard" and info["num_features"] == 0 and info["features"] is None
+
+
+def test_mismatched_or_missing_features_are_refused(data, tmp_path):
+    records, features_dir, models = data
+    config = _config(records, "B", features_dir)
+    config.features.kind = "model1"          # the features come from unet_axial models
+    with pytest.raises(ConfigError, match="the config asks for model1"):
+        Trainer3D(config, tmp_path / "a").run()
+    config = _config(records, "C", features_dir)
+    config.features.models = ",".join([models["sagittal"], models["coronal"], models["axial"]])
+    with pytest.raises(ConfigError, match="axial features come from"):
+        Trainer3D(config, tmp_path / "b").run()
+    with pytest.raises(ConfigError, match="needs --config.features.dir"):
+        Trainer3D(_config(records, "A"), tmp_path / "c").run()
+
+
+def test_train_command_dispatches_to_the_3d_trainer(data, tmp_path):
+    records, _, _ = data
+    result = run_module("brats_tf.train", "--config=brats_tf/configs/train3d.py:small", f"--workdir={tmp_path}",
+                        f"--config.data.records_dir={records}", "--config.model.kind=standard",
+                        "--config.model.levels=(2,2,2)", "--config.model.final=2", "--config.model.input_size=45",
+                        "--config.train.iterations=1", "--config.optim.accumulation_steps=1",
+                        "--config.train.val_every=0", "--config.train.tile_size=32",
+                        "--config.data.num_val_cases=1")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "trained 1 iterations" in result.stdout
+    assert json.loads((tmp_path / "model_info.json").read_text())["stage"] == "3d"
+
+
+def test_patches_at_the_case_border_keep_their_shape_and_classes():
+    """Regression: a class center jittered past the case's first voxel sliced an empty patch."""
+    label = np.zeros((30, 30, 30), np.uint8)
+    label[:6, :3, :3] = 2
+    label[:3, :3, :3] = 1
+    label[0, 0, 0] = 3
+    case = PreparedCase("edge", np.ones((30, 30, 30, 1), np.float16), label, np.ones(label.shape, bool), None, ("t1",))
+    sampler = PatchSampler([case], 70, 26, 4, seed=0)
+    for b in range(30):
+        x, y = sampler.batch(b)
+        assert x.shape == (4, 70, 70, 70, 1) and set(np.unique(y)) == {0, 1, 2, 3}
