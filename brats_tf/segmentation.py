@@ -69,8 +69,9 @@ def load_exported(path):
     if not os.path.isfile(file):
         raise DataError(file, "model file not found (pass a trainer work dir or its model.keras)")
     info = features_lib.read_model_info(file)
-    if info.get("stage") not in ("2d", "3d"):
-        raise ConfigError(f"{file}: a {info.get('stage')!r} model cannot segment here (2d and 3d models can)")
+    if info.get("stage") not in ("2d", "3d", "baseline"):
+        raise ConfigError(f"{file}: a {info.get('stage')!r} model cannot segment here "
+                          f"(2d, 3d and baseline models can)")
     if info.get("stage") == "2d" and info.get("subnetwork") is not None:
         raise ConfigError(f"{file}: a pretrained subnetwork alone, not a segmentation model")
     if "preprocessing" not in info:
@@ -227,9 +228,14 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
                  save_probabilities=False, save_proportions=False, batch_size=8, tile_size=64):
     """Segments one case with the plan's models; writes the outputs; returns their paths."""
     check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    if save_probabilities and any(m.stage == "baseline" for m in plan.final):
+        raise ConfigError("--save_probabilities: not available with [S] baseline models")
     inputs, feature_cache = PreparedInputs(case), {}
     labels, probability_sum = [], None
     for model, chain in zip(plan.final, plan.chains):
+        if model.stage == "baseline":
+            labels.append(baseline_labels(model, inputs))
+            continue
         logits = predict_model(model, chain, inputs, batch_size, tile_size, feature_cache)
         prepared, _ = inputs.prepared(model.info["preprocessing"])
         # Tumor only inside the brain: the crop margin and background carry no tumor.
@@ -244,6 +250,16 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
     return write_outputs(case.case_id, inputs.geometry, fused, out_dir, label_convention,
                          probability_sum / len(labels) if save_probabilities else None,
                          proportions if save_proportions else None, [m.path for m in plan.final])
+
+
+def baseline_labels(model, inputs):
+    """An [S] baseline's label map on the original grid (binary models write tumor as edema)."""
+    from brats_tf import baselines_inference
+    from brats_tf.models.baselines import BaselineSpec
+    loaded = load_case(inputs.case, model.info["preprocessing"]["modalities"], with_label=False)
+    inputs.geometry = inputs.geometry or loaded.geometry
+    return baselines_inference.segment(model.keras_model, BaselineSpec.from_json(model.info["spec"]),
+                                       model.info, loaded)
 
 
 def _paste_probabilities(probabilities, box):

@@ -99,3 +99,16 @@ def test_train_cli_dispatches_the_baseline_stage(records, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained 2 iterations" in result.stdout and "val_dice_wt" in result.stdout
     assert (tmp_path / "model.keras").exists()
+
+
+def test_segment_runs_a_trained_baseline(records, tmp_path):
+    """`segment` accepts a baseline work dir and writes a whole-tumor map in the input geometry."""
+    import nibabel as nib
+    from brats_tf import segmentation
+    BaselineTrainer(_config(records, iterations=2), tmp_path / "bcn").run()
+    case_dir = write_brats2017_case(tmp_path / "new", "New_case", shape=(24, 26, 20), seed=9)
+    segmentation.segment([str(tmp_path / "bcn")], tmp_path / "out", case_dir=str(case_dir))
+    out = nib.load(tmp_path / "out" / "New_case_seg.nii.gz")
+    reference = nib.load(case_dir / "New_case_flair.nii.gz")
+    assert out.shape == reference.shape and np.allclose(out.affine, reference.affine)
+    assert set(np.unique(np.asarray(out.dataobj))) <= {0, 2}
