@@ -1,13 +1,18 @@
 """Runs a whole experiment: data, training, inference, evaluation, report.
 
-    python run_experiment.py --experiment=shen_ablation --scale=demo --workdir=W
-    python run_experiment.py --experiment=shen_transfer --scale=demo --workdir=W \
-        [--data_dir=BRATS] [--target_data_dir=SITE_B] [--layout=...] [--layout_file=...]
+    python run_experiment.py                      # the demo: the whole method on phantoms
+    python run_experiment.py --experiment=table1 --scale=demo --data_dir=D [--layout_file=L]
+    python run_experiment.py --experiment=table3 --data_dir=D --test_dir=T --scale=paper --strategy=mirrored
+    python run_experiment.py --experiment=table2_missing
+    python run_experiment.py --experiment=shen_ablation | shen_transfer [--target_data_dir=SITE_B]
 
-Without --data_dir / --target_data_dir the built-in synthetic phantoms are used (site A,
-and the second site B). Re-running on the same work dir skips finished models and resumes
-interrupted ones. Experiments: brats_tf/experiments/__init__.py (EXPERIMENTS).
+Without --data_dir the built-in synthetic phantoms are used. The work dir (default
+runs/<experiment>) keeps data, records, split, models, features, predictions and the
+report; re-running the same command skips complete stages and resumes an interrupted
+training. Experiments: brats_tf/experiments/__init__.py (EXPERIMENTS).
 """
+
+import os
 
 from absl import app, flags
 
@@ -16,25 +21,34 @@ from brats_tf.errors import run_main
 from brats_tf.io.cases import LAYOUT_CHOICES
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("experiment", experiments.names()[0], experiments.names(), "Which experiment.")
+flags.DEFINE_enum("experiment", "demo", experiments.names(), "Which experiment.")
 flags.DEFINE_enum("scale", "demo", experiments.SCALES,
-                  "demo: minutes on a 2-core CPU; paper: the papers' sizes (a GPU).")
-flags.DEFINE_string("workdir", None, "Work dir (data, records, models, reports); re-runs resume.", required=True)
-flags.DEFINE_string("data_dir", None, "Dataset folder (site A); default: synthesize phantoms.")
-flags.DEFINE_enum("layout", "auto", LAYOUT_CHOICES, "Layout of --data_dir / --target_data_dir.")
+                  "demo: minutes on a 2-core CPU; paper: the papers' settings (a GPU/TPU).")
+flags.DEFINE_string("workdir", None, "Work dir (default runs/<experiment>); re-runs resume.")
+flags.DEFINE_string("data_dir", None, "Dataset folder; default: synthesize phantoms.")
+flags.DEFINE_enum("layout", "auto", LAYOUT_CHOICES, "Layout of --data_dir / --test_dir / --target_data_dir.")
 flags.DEFINE_string("layout_file", None, "Generic layout JSON for the given data dirs (overrides --layout).")
-flags.DEFINE_string("target_data_dir", None, "Second-site dataset (transfer); default: synthetic site B.")
+flags.DEFINE_string("test_dir", None, "External labeled test set (tables); default: a seeded split of --data_dir.")
+flags.DEFINE_string("target_data_dir", None, "Second-site dataset (shen_transfer); default: synthetic site B.")
 flags.DEFINE_integer("seed", 0, "Seed of the synthetic data, splits and training.", lower_bound=0)
+flags.DEFINE_enum("strategy", "off", ["off", "mirrored", "multi_worker", "tpu"],
+                  "tf.distribute strategy of every training ([M] experiments).")
+flags.DEFINE_multi_string("config_2d", [], "Override of every 2D model's config, KEY=VALUE "
+                          "(e.g. train.iterations=200); repeatable.")
+flags.DEFINE_multi_string("config_3d", [], "Override of every 3D model's config, KEY=VALUE "
+                          "(e.g. model.input_size=70); repeatable.")
 
 
 def main(argv):
     del argv
     from brats_tf.training import TrainingError   # TensorFlow only once an experiment runs
+    if FLAGS.workdir is None:
+        FLAGS.workdir = os.path.join("runs", FLAGS.experiment)
     try:
         report = experiments.run(FLAGS.experiment, FLAGS)
     except TrainingError as err:
         raise SystemExit(f"error: {err}")
-    print(f"report: {report}")
+    print(f"report: {os.path.abspath(report)}")
 
 
 if __name__ == "__main__":

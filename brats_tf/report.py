@@ -64,13 +64,15 @@ class FeatureMaps:
 
 
 def write_report(out_dir, evaluations, comparisons=(), training_logs=None, overlays=(), feature_maps=(),
-                 final_model=None, title="Results", regions=stats.PAPER_REGIONS, use_intersection=False):
+                 final_model=None, title="Results", regions=stats.PAPER_REGIONS, use_intersection=False,
+                 notes=()):
     """Writes out_dir/report.md and its PNG figures; returns the report's path.
 
     evaluations: {model name: evaluation CSV path or per-case rows}, in table order.
     comparisons: [(name, baseline model, candidate model)] tested with the paired
     one-tailed t-test (candidate better) and the Wilcoxon test, joined on case id.
     final_model: the model of Table 6 (default: the last of `evaluations`).
+    notes: extra Markdown sections appended after the figures (settings, timings).
     """
     os.makedirs(out_dir, exist_ok=True)
     evaluations = {name: _rows(source) for name, source in evaluations.items()}
@@ -83,6 +85,7 @@ def write_report(out_dir, evaluations, comparisons=(), training_logs=None, overl
               for name, base, cand in comparisons]
     sections = [f"# {title}\n", _tables_section(evaluations, tested, final_model, regions)]
     sections.append(_figures_section(out_dir, evaluations, training_logs or {}, overlays, feature_maps, regions))
+    sections += list(notes)
     path = os.path.join(out_dir, "report.md")
     text = "\n".join(sections)
     atomic_write(path, lambda tmp: _write_text(tmp, text))

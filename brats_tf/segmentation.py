@@ -101,6 +101,17 @@ def plan_models(paths):
     return Plan([m for m, _ in final], [c for _, c in final])
 
 
+def load_with_chains(paths):
+    """[(model, chain or None)] for every path, in order: unlike `plan_models`, 2D models
+    that feed a chain stay in the list; shared models are loaded once."""
+    models = [load_exported(p) for p in paths]
+    by_hash = {}
+    for model in models:
+        by_hash.setdefault(model.sha256, model)
+    models = [by_hash[m.sha256] for m in models]
+    return [(m, _find_chain(m, by_hash) if m.needs_features else None) for m in models]
+
+
 def _find_chain(model, by_hash):
     """The three 2D models whose features a 2D-3D model was trained on."""
     recorded = (model.info.get("features") or {}).get("models")
@@ -233,15 +244,10 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
     inputs, feature_cache = PreparedInputs(case), {}
     labels, probability_sum = [], None
     for model, chain in zip(plan.final, plan.chains):
-        if model.stage == "baseline":
-            labels.append(baseline_labels(model, inputs))
-            continue
-        logits = predict_model(model, chain, inputs, batch_size, tile_size, feature_cache)
-        prepared, _ = inputs.prepared(model.info["preprocessing"])
-        # Tumor only inside the brain: the crop margin and background carry no tumor.
-        labels.append(preprocess.paste(np.where(prepared.brain, np.argmax(logits, -1), 0).astype(np.uint8),
-                                       prepared.box))
+        model_map, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache)
+        labels.append(model_map)
         if save_probabilities:   # a running sum keeps one full-size 4-class volume in memory
+            prepared, _ = inputs.prepared(model.info["preprocessing"])
             pasted = _paste_probabilities(inference.softmax(logits), prepared.box)
             probability_sum = pasted if probability_sum is None else probability_sum + pasted
         del logits
@@ -250,6 +256,18 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
     return write_outputs(case.case_id, inputs.geometry, fused, out_dir, label_convention,
                          probability_sum / len(labels) if save_probabilities else None,
                          proportions if save_proportions else None, [m.path for m in plan.final])
+
+
+def model_labels(model, chain, inputs, batch_size=8, tile_size=64, feature_cache=None):
+    """(label map on the case's original grid, logits on the cropped grid or None for an
+    [S] baseline) of one final model of a plan."""
+    if model.stage == "baseline":
+        return baseline_labels(model, inputs), None
+    logits = predict_model(model, chain, inputs, batch_size, tile_size, {} if feature_cache is None else feature_cache)
+    prepared, _ = inputs.prepared(model.info["preprocessing"])
+    # Tumor only inside the brain: the crop margin and background carry no tumor.
+    labels = preprocess.paste(np.where(prepared.brain, np.argmax(logits, -1), 0).astype(np.uint8), prepared.box)
+    return labels, logits
 
 
 def baseline_labels(model, inputs):
@@ -309,6 +327,7 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
     [(case_id, written paths)]. options: see `segment_case`."""
     if bool(case_dir) == bool(files and any(files.values())):
         raise ConfigError("give either --case_dir or modality files (--t1 --t1c --t2 --flair), not both")
+    ensemble.parse_thresholds(options.get("thresholds", ensemble.DEFAULT_THRESHOLDS))   # fail early
     cases = cases_from_dir(case_dir, layout, layout_file) if case_dir else [case_from_files(files, case_id, mask)]
     plan = plan_models(models)
     for case in cases:   # refuse before any heavy work

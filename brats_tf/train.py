@@ -12,29 +12,12 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from brats_tf.errors import run_main
-import importlib
-
-from brats_tf.training import TrainingError
+from brats_tf.training import TrainingError, trainer_class
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "brats_tf/configs/train2d.py:small", "Config preset file:preset.",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Work dir (resumes when it holds checkpoints).", required=True)
-
-
-# config.stage -> the Trainer subclass for it ("module:Class", imported on demand).
-TRAINERS = {
-    "2d": "brats_tf.trainer2d:Trainer2D",
-    "3d": "brats_tf.trainer3d:Trainer3D",
-    "baseline": "brats_tf.baselines_training:BaselineTrainer",
-}
-
-
-def trainer_class(stage):
-    if stage not in TRAINERS:
-        raise SystemExit(f"error: config.stage={stage!r}; use one of {sorted(TRAINERS)}")
-    module, name = TRAINERS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 def main(argv):

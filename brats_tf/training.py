@@ -16,11 +16,11 @@ stream (batch b is always drawn from seed (seed, b)), so nothing done before it 
 """
 
 import csv
+import importlib
 import json
 import math
 import os
 import signal
-import time
 
 import keras
 import numpy as np
@@ -38,6 +38,21 @@ from brats_tf.training_data import case_split
 
 STRATEGIES = ("off", "mirrored", "multi_worker", "tpu")
 VAL_COLUMNS = tuple(f"val_dice_{name.replace('/', '_').replace('-', '_')}" for name in CLASS_NAMES[1:])
+
+
+# config.stage -> the Trainer subclass for it ("module:Class", imported on demand).
+TRAINERS = {
+    "2d": "brats_tf.trainer2d:Trainer2D",
+    "3d": "brats_tf.trainer3d:Trainer3D",
+    "baseline": "brats_tf.baselines_training:BaselineTrainer",
+}
+
+
+def trainer_class(stage):
+    if stage not in TRAINERS:
+        raise ConfigError(f"config.stage={stage!r}; use one of {sorted(TRAINERS)}")
+    module, name = TRAINERS[stage].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 class TrainingError(Exception):

@@ -38,7 +38,7 @@ def get_config(preset="bcn_demo"):
     kind, scale = preset.split("_")
     paper = scale == "paper"
     c = ml_collections.ConfigDict()
-    c.stage = "baseline"                    # which trainer (brats_tf/train.py TRAINERS)
+    c.stage = "baseline"                    # which trainer (brats_tf/training.py TRAINERS)
     c.preset = preset
     c.seed = 0
     c.deterministic = False

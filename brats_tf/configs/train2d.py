@@ -19,7 +19,7 @@ def get_config(preset="small"):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
     paper = preset == "paper"
     c = ml_collections.ConfigDict()
-    c.stage = "2d"                          # which trainer (brats_tf/train.py TRAINERS)
+    c.stage = "2d"                          # which trainer (brats_tf/training.py TRAINERS)
     c.preset = preset
     c.seed = 0
     c.deterministic = False   # tf.config.experimental.enable_op_determinism (disables XLA)

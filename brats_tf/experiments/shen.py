@@ -22,7 +22,6 @@ per model `eval_site_<x>/evaluation.csv` + `predictions/` (label maps on the ori
 """
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -30,15 +29,13 @@ import time
 import keras
 import numpy as np
 
-from brats_tf import baselines_inference, metrics, synthetic
+from brats_tf import baselines_inference, metrics
 from brats_tf.baselines_training import BaselineTrainer
 from brats_tf.configs import baselines as baseline_configs
-from brats_tf.errors import ConfigError, DataError
-from brats_tf.experiments import shen_report
+from brats_tf.errors import ConfigError
+from brats_tf.experiments import common, shen_report
 from brats_tf.io.cases import discover_cases, load_case
-from brats_tf.io.nifti import atomic_write
 from brats_tf.records import reader
-from brats_tf.records.writer import build_records
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +106,7 @@ def shen_ablation(args):
     started, scale, work = time.time(), _scale(args), os.path.abspath(args.workdir)
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     out_dir = os.path.join(work, "shen_ablation")
-    timings = Timings(os.path.join(out_dir, "timings.json"))
+    timings = common.Timings(os.path.join(out_dir, "timings.json"))
     results = []
     for variant in ABLATION:
         model_dir = train_variant(work, variant, site_a, scale, args.seed, timings)
@@ -125,7 +122,7 @@ def shen_transfer(args):
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     site_b = prepare_site(work, "b", args.target_data_dir, args, scale)
     out_dir = os.path.join(work, "shen_transfer")
-    timings = Timings(os.path.join(out_dir, "timings.json"))
+    timings = common.Timings(os.path.join(out_dir, "timings.json"))
     results, source_results = [], []
     for plain in (VARIANTS["bcn"], VARIANTS["fcn"]):    # BCN and FCN as [S] built them
         pretrained = train_variant(work, plain, site_a, scale, args.seed, timings)
@@ -170,31 +167,15 @@ def _settings(args, scale, sites):
 def prepare_site(work, site, data_dir, args, scale):
     """Data (given or synthesized), z-score records and the seeded split of one site."""
     layout, layout_file = (args.layout, args.layout_file) if data_dir else ("auto", None)
-    if not data_dir:
-        data_dir = os.path.join(work, "data", f"site_{site}")
-        print(f"[site {site}] synthesizing {scale.site_cases[site]} phantoms in {data_dir}", flush=True)
-        synthetic.write_dataset(data_dir, scale.site_cases[site], args.seed, shape=scale.site_shapes[site],
-                                site=site, progress=False)
-    data_dir = os.path.abspath(data_dir)
+    print(f"[site {site}] data and records", flush=True)
+    data_dir = common.synthesize_unless_given(data_dir, work, f"site_{site}", scale.site_cases[site], args.seed,
+                                              scale.site_shapes[site], site)
     records_dir = os.path.join(work, "records", f"site_{site}")
-    if not _records_match(records_dir, data_dir, layout, layout_file):
-        print(f"[site {site}] building z-score records in {records_dir}", flush=True)
-        build_records(data_dir, records_dir, layout, layout_file, normalization="zscore",
-                      overwrite=True, verbose=False)
-    manifest = reader.load_manifest(records_dir)
-    ids = sorted(c["case_id"] for c in manifest["cases"] if c["voxels_per_class"] is not None)
-    split = _load_or_make_split(os.path.join(work, f"split_site_{site}.json"), ids, site, scale, args.seed)
+    manifest = common.ensure_records(data_dir, records_dir, layout, layout_file, normalization="zscore")
+    ids = common.labeled_ids(manifest)
+    split = common.load_or_make_split(os.path.join(work, f"split_site_{site}.json"), ids,
+                                      lambda: split_case_ids(ids, site, scale, args.seed))
     return Site(site, data_dir, layout, layout_file, records_dir, split)
-
-
-def _records_match(records_dir, data_dir, layout, layout_file):
-    try:
-        manifest = reader.load_manifest(records_dir)
-    except DataError:
-        return False
-    ids = [c.case_id for c in discover_cases(data_dir, layout, layout_file)]
-    return (manifest["source_dir"] == data_dir and manifest["normalization"] == "zscore"
-            and [c["case_id"] for c in manifest["cases"]] == ids)
 
 
 def split_case_ids(ids, site, scale, seed):
@@ -213,19 +194,6 @@ def split_case_ids(ids, site, scale, seed):
     if not split["train"] or not split["test"]:
         raise ConfigError(f"site {site}: {len(ids)} labeled cases are too few for a train/test split")
     return {k: sorted(v) for k, v in split.items()}
-
-
-def _load_or_make_split(path, ids, site, scale, seed):
-    if os.path.exists(path):
-        with open(path) as f:
-            split = json.load(f)
-        unknown = sorted(set(sum(split.values(), [])) - set(ids))
-        if unknown:
-            raise ConfigError(f"{path}: cases {unknown[:3]} are not in the data; use a new --workdir")
-        return split
-    split = split_case_ids(ids, site, scale, seed)
-    atomic_write(path, lambda p: _write_json(p, split))
-    return split
 
 
 # ------------------------------------------------------------------ training and evaluation
@@ -258,7 +226,7 @@ def train_variant(work, variant, site, scale, seed, timings, init_from=None, ite
     """Trains one model (or finds it finished); returns its work dir."""
     config = variant_config(variant, scale, site, seed, iterations, init_from)
     model_dir = os.path.join(work, "models", f"site_{site.name}", variant.slug)
-    if _finished(model_dir, config.train.iterations):
+    if common.finished(model_dir, config.train.iterations):
         print(f"[train] {variant.name}: finished earlier ({model_dir})", flush=True)
         return model_dir
     print(f"[train] {variant.name} on site {site.name}: {config.train.iterations} iterations", flush=True)
@@ -269,14 +237,6 @@ def train_variant(work, variant, site, scale, seed, timings, init_from=None, ite
     print(f"[train] {variant.name}: done in {time.time() - start:.0f} s, validation "
           f"{result['validation']}", flush=True)
     return model_dir
-
-
-def _finished(model_dir, iterations):
-    path = os.path.join(model_dir, "model_info.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        return json.load(f).get("iterations", -1) >= iterations
 
 
 def evaluate(model_dir, site, timings, name, bcn_tile):
@@ -307,23 +267,3 @@ def evaluate(model_dir, site, timings, name, bcn_tile):
           f"{np.mean([r['Dice_WT'] for r in evaluation.rows]):.3f} ({len(evaluation.rows)} cases, "
           f"{seconds:.0f} s)", flush=True)
     return evaluation.rows
-
-
-class Timings:
-    """Measured seconds per model, kept across re-runs (a skipped step keeps its figure)."""
-
-    def __init__(self, path):
-        self.path = path
-        self.data = {}
-        if os.path.exists(path):
-            with open(path) as f:
-                self.data = json.load(f)
-
-    def record(self, name, **values):
-        self.data.setdefault(name, {}).update({k: round(float(v), 4) for k, v in values.items()})
-        atomic_write(self.path, lambda p: _write_json(p, self.data))
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)

@@ -1,0 +1,538 @@
+"""[M]'s experiments (METHOD §8): the demo (the README's main job), Tables 1 and 3, and the
+missing-sequence experiment (Table 2), each ending in a report with Table 4's tests.
+
+    python run_experiment.py                                   # the demo, on phantoms
+    python run_experiment.py --experiment=table1 --scale=demo --data_dir=D [--layout_file=L]
+    python run_experiment.py --experiment=table3 --data_dir=D --test_dir=T   # external test set
+    python run_experiment.py --experiment=table2_missing --scale=demo
+
+`demo`, `table1` and `table3` run the whole method: records -> 2D model 1 and 2D model 2
+in three orientations (and U-Net axial for the tables) -> 2D features of each kind ->
+the standard 3D model and 2D-3D models A, B, C with features from each 2D kind ->
+inference on the test cases through the `segment` code (2D-3D chains recompute their
+features from the 2D models) -> hierarchical vote of the six 2D-3D models -> evaluation
+CSVs -> paired one-tailed t-tests -> `report.md`. `table2_missing` trains 2D model 1 on
+subset 1 of five (subsets 2-5 each lack one sequence, their files left out of a linked
+copy of the data), the same after pretraining each modality subnetwork on every training
+case that has its sequence, and on the full data.
+
+Every stage skips what its manifests show complete: a model whose `model_info.json` has
+the iterations asked for (and whose `config.json` matches), features whose manifest names
+the current 2D models by hash, predictions whose manifest names the current models by
+hash. An interrupted training resumes from its checkpoint. The split over sorted case ids
+is seeded and saved in the work dir.
+"""
+
+import ast
+import dataclasses
+import json
+import os
+import time
+
+import keras
+import numpy as np
+
+from brats_tf import ensemble, metrics, report, report_tables, segmentation
+from brats_tf import features as features_lib
+from brats_tf.configs import train2d, train3d
+from brats_tf.errors import ConfigError, DataError
+from brats_tf.experiments import common
+from brats_tf.io.cases import discover_cases, load_case, map_labels
+from brats_tf.io.nifti import atomic_write, save_volume
+from brats_tf.records import reader
+from brats_tf.training import record_config, trainer_class
+
+ORIENTATIONS = features_lib.ORIENTATIONS
+KINDS_2D = ("model1", "model2")
+KINDS_2D3D = ("A", "B", "C")
+
+
+@dataclasses.dataclass(frozen=True)
+class Scale:
+    name: str
+    preset: str                  # train2d / train3d config preset
+    num_cases: int               # phantoms synthesized when no --data_dir is given
+    shape: tuple                 # phantom matrix (None: 240 x 240 x 155)
+    test_fraction: float         # cases held out for testing (without --test_dir)
+    num_val: int                 # validation cases (the trainers' checks)
+    iterations_2d: int
+    iterations_3d: int
+    pretrain_iterations: int     # one subnetwork alone (table2_missing)
+    set_2d: tuple = ()           # (dotted config key, value) for every 2D model
+    set_3d: tuple = ()           # ... for every 3D model
+    tile_size: int = 64          # largest output side of a 3D inference tile
+
+
+SCALES = {
+    # [M]: 285 BraTS 2017 cases, 235 train / 50 test; the presets' paper settings
+    # (full slices, 70³ patches, N=10 / 5, schedule 0.25 / 0.001 / 200 / 0.98). A GPU/TPU.
+    "paper": Scale("paper", "paper", 285, None, 50 / 285, 5, 20000, 20000, 5000),
+    # 2-core CPU, the demo in <= 15 min: small phantoms, small widths, few iterations.
+    "demo": Scale("demo", "small", 20, (80, 80, 64), 0.3, 2, 90, 50, 40,
+                  set_2d=(("train.val_every", 30), ("train.checkpoint_every", 30)),
+                  set_3d=(("model.levels", (4, 6, 8)), ("model.final", 8), ("model.input_size", 54),
+                          ("optim.accumulation_steps", 2), ("train.val_every", 0),
+                          ("train.checkpoint_every", 25))),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    row: str                     # table row
+    slug: str                    # models/<slug>
+    stage: str                   # 2d | 3d
+    kind: str                    # model1 | model2 | unet | standard | A | B | C
+    orientation: str = "axial"
+    features: str = None         # 2D kind whose features a 2D-3D model takes
+
+
+def twod(kind, orientation="axial"):
+    names = {"model1": "2D model 1", "model2": "2D model 2", "unet": "U-Net"}
+    return Model(f"{names[kind]} {orientation} slices", f"2d_{kind}_{orientation}", "2d", kind, orientation)
+
+
+STANDARD_3D = Model("Standard 3D model (without 2D features)", "3d_standard", "3d", "standard")
+ENSEMBLE_ROW = "Ensemble of the six 2D-3D models"
+
+
+def twod3d(kind, features):
+    return Model(f"2D-3D model {kind}, features from 2D model {features[-1]}", f"3d_{kind}_{features}", "3d",
+                 kind, features=features)
+
+
+SIX_2D3D = [twod3d(k, f) for f in KINDS_2D for k in KINDS_2D3D]
+
+
+@dataclasses.dataclass
+class Data:
+    data_dir: str
+    layout: str
+    layout_file: str
+    records_dir: str
+    manifest: dict
+    split: dict                  # train / val / test ids (+ subsets for table2_missing)
+    test_dir: str                # where the test cases are (data_dir unless --test_dir)
+    test_layout: str
+    test_layout_file: str
+
+
+# ------------------------------------------------------------------ the experiments
+
+def demo(args):
+    return _method_tables(args, "demo", with_unet=False,
+                          title="Demo: the whole method on synthetic phantoms (Tables 1, 3, 4, 6)")
+
+
+def table1(args):
+    return _method_tables(args, "table1", with_unet=True, title="Table 1: local test set")
+
+
+def table3(args):
+    return _method_tables(args, "table3", with_unet=True,
+                          title="Table 3: second dataset" + (" (--test_dir)" if args.test_dir else ""))
+
+
+STAGES = ("data and records", "2D models", "2D features", "3D models", "inference and vote", "evaluation",
+          "report")
+
+
+def _method_tables(args, experiment, with_unet, title):
+    run = Run(args, experiment, STAGES)
+    with run.stage("data and records"):
+        data = run.prepare_data()
+    models_2d = [twod(k, o) for k in KINDS_2D for o in ORIENTATIONS] + ([twod("unet")] if with_unet else [])
+    with run.stage("2D models"):
+        dirs = {m.slug: run.train(m, run.config_2d(m, data)) for m in models_2d}
+    with run.stage("2D features"):
+        feature_dirs = {k: run.extract_features(k, dirs, data) for k in KINDS_2D}
+    with run.stage("3D models"):
+        for m in [STANDARD_3D] + SIX_2D3D:
+            dirs[m.slug] = run.train(m, run.config_3d(m, data, feature_dirs, dirs))
+    rows = ([twod("unet")] if with_unet else []) + [twod(k) for k in KINDS_2D] + [STANDARD_3D] + SIX_2D3D
+    with run.stage("inference and vote"):
+        pred_dirs = run.predict(rows, dirs, data, vote=[m.row for m in SIX_2D3D])
+    with run.stage("evaluation"):
+        evaluations = run.evaluate(pred_dirs, data)
+    a1 = SIX_2D3D[0].row
+    comparisons = [("Standard 3D vs 2D-3D", STANDARD_3D.row, a1),
+                   ("2D vs 2D-3D", twod("model1").row, a1),
+                   ("2D-3D vs ensembling of 2D-3D", a1, ENSEMBLE_ROW)]
+    logs = {m.row: os.path.join(dirs[m.slug], "train_log.csv") for m in (twod("model1"), SIX_2D3D[0])}
+    with run.stage("report"):
+        path = run.report(title, evaluations, comparisons, logs, pred_dirs, data,
+                          overlay_rows=[twod("model1").row, STANDARD_3D.row, a1, ENSEMBLE_ROW],
+                          feature_dir=feature_dirs["model1"])
+    return path
+
+
+MISSING_STAGES = ("data and records", "subnetwork pretraining", "2D models", "inference", "evaluation", "report")
+
+
+def table2_missing(args):
+    """METHOD §8 Table 2: 2D model 1 with missing sequences, with/without pretrained subnetworks."""
+    run = Run(args, "table2_missing", MISSING_STAGES)
+    with run.stage("data and records"):
+        data = run.prepare_data(subsets=5)
+        missing = run.missing_data(data)
+    subsets, modalities = data.split["subsets"], missing.manifest["modalities"]
+    with run.stage("subnetwork pretraining"):
+        subnetworks = []
+        for modality in modalities:   # every training case that has the sequence
+            model = Model(f"subnetwork {modality}", f"subnetwork_{modality}", "2d", "model1")
+            config = run.config_2d(model, missing, iterations=run.scale.pretrain_iterations,
+                                   extra=(("train.subnetwork", modality),))
+            subnetworks.append(run.train(model, config))
+    subset_model = Model("2D model 1, missing data", "2d_model1_subset1", "2d", "model1")
+    pretrained = Model("2D model 1, missing data + pretrained subnetworks", "2d_model1_subset1_pretrained", "2d",
+                       "model1")
+    full = Model("2D model 1, full data", "2d_model1_full", "2d", "model1")
+    with run.stage("2D models"):
+        dirs = {subset_model.slug: run.train(subset_model, run.config_2d(subset_model, missing, train=subsets[0])),
+                pretrained.slug: run.train(pretrained, run.config_2d(
+                    pretrained, missing, train=subsets[0],
+                    extra=(("train.pretrained_subnetworks", ",".join(subnetworks)),))),
+                full.slug: run.train(full, run.config_2d(full, data))}
+    rows = [subset_model, pretrained, full]
+    with run.stage("inference"):
+        pred_dirs = run.predict(rows, dirs, data)
+    with run.stage("evaluation"):
+        evaluations = run.evaluate(pred_dirs, data)
+    comparisons = [("2D vs 2D with pretrained subnetworks, missing data", subset_model.row, pretrained.row)]
+    with run.stage("report"):
+        notes = [common_subsets_note(subsets, modalities)]
+        return run.report("Table 2: missing MR sequences", evaluations, comparisons,
+                          {m.row: os.path.join(dirs[m.slug], "train_log.csv") for m in rows}, pred_dirs, data,
+                          overlay_rows=[m.row for m in rows], extra_notes=notes)
+
+
+def common_subsets_note(subsets, modalities):
+    lines = ["## Training subsets (Table 2)\n",
+             "Subset 1 has every sequence; subset k+1 lacks the k-th (its file is left out of the linked "
+             "copy `data_missing/`, so the records mark it absent).\n"]
+    missing = ["none"] + list(modalities)
+    lines += [f"- subset {i + 1} (missing {missing[i] if i < len(missing) else 'none'}): {', '.join(s)}"
+              for i, s in enumerate(subsets)]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ one run of an experiment
+
+class Run:
+    def __init__(self, args, experiment, stages):
+        self.args, self.experiment = args, experiment
+        self.scale = _scale(args)
+        self.work = os.path.abspath(args.workdir or os.path.join("runs", experiment))
+        self.out_dir = os.path.join(self.work, experiment)
+        self.started = time.time()
+        self.timings = common.Timings(os.path.join(self.out_dir, "timings.json"))
+        self.timings.data.pop("stages", None)   # this run's stage times only
+        self.stages = common.Stages(stages, self.timings)
+        print(f"{experiment} ({self.scale.name} scale) in {self.work}", flush=True)
+
+    def stage(self, title):
+        return self.stages.run(title)
+
+    # --- data -------------------------------------------------------------------------------
+    def prepare_data(self, subsets=0):
+        a, scale = self.args, self.scale
+        layout, layout_file = (a.layout, a.layout_file) if a.data_dir else ("auto", None)
+        data_dir = common.synthesize_unless_given(a.data_dir, self.work, "phantoms", scale.num_cases, a.seed,
+                                                  scale.shape)
+        records_dir = os.path.join(self.work, "records")
+        manifest = common.ensure_records(data_dir, records_dir, layout, layout_file)
+        ids = common.labeled_ids(manifest)
+        external = bool(getattr(a, "test_dir", None))
+        split = common.load_or_make_split(os.path.join(self.work, "split.json"), ids,
+                                          lambda: split_case_ids(ids, scale, a.seed, external, subsets))
+        if external:
+            test_cases = [c for c in discover_cases(a.test_dir, layout, layout_file) if c.label is not None]
+            if not test_cases:
+                raise DataError(a.test_dir, "no labeled cases to test on")
+            split = dict(split, test=sorted(c.case_id for c in test_cases))
+        test_dir = os.path.abspath(a.test_dir) if external else data_dir
+        print(f"  split: {len(split['train'])} train / {len(split['val'])} validation / {len(split['test'])} test "
+              f"cases ({os.path.join(self.work, 'split.json')})", flush=True)
+        return Data(data_dir, layout, layout_file, records_dir, manifest, split, test_dir, layout, layout_file)
+
+    def missing_data(self, data):
+        """Records of a linked copy of the data where subset k+1 lacks the k-th sequence."""
+        modalities = data.manifest["modalities"]
+        if len(data.split["subsets"]) < len(modalities) + 1:
+            raise ConfigError(f"table2_missing needs {len(modalities) + 1} subsets for {len(modalities)} sequences")
+        drop = {case_id: modalities[k] for k, subset in enumerate(data.split["subsets"][1:len(modalities) + 1])
+                for case_id in subset}
+        out = os.path.join(self.work, "data_missing")
+        link_dataset_without(data.data_dir, out, data.layout, data.layout_file, drop)
+        records_dir = os.path.join(self.work, "records_missing")
+        manifest = common.ensure_records(out, records_dir, data.layout, data.layout_file,
+                                         normalization=data.manifest["normalization"], allow_missing_modalities=True)
+        return dataclasses.replace(data, data_dir=out, records_dir=records_dir, manifest=manifest)
+
+    # --- configs ----------------------------------------------------------------------------
+    def config_2d(self, model, data, train=None, iterations=None, extra=()):
+        c = train2d.get_config(self.scale.preset)
+        c.model.kind, c.data.orientation = model.kind, model.orientation
+        return self._finish_config(c, data, train, iterations or self.scale.iterations_2d,
+                                   self.scale.set_2d + tuple(extra), self.args.config_2d)
+
+    def config_3d(self, model, data, feature_dirs, dirs):
+        c = train3d.get_config(self.scale.preset)
+        c.model.kind = model.kind
+        if model.features:
+            c.features.dir, c.features.kind = feature_dirs[model.features], model.features
+            c.features.models = ",".join(dirs[f"2d_{model.features}_{o}"] for o in ORIENTATIONS)
+        c.train.tile_size = self.scale.tile_size
+        return self._finish_config(c, data, None, self.scale.iterations_3d, self.scale.set_3d, self.args.config_3d)
+
+    def _finish_config(self, c, data, train, iterations, settings, user_overrides):
+        c.seed = self.args.seed
+        c.data.records_dir = data.records_dir
+        c.data.train_cases = list(train or data.split["train"])
+        c.data.val_cases = list(data.split["val"])
+        c.train.iterations = iterations
+        c.train.strategy = self.args.strategy
+        for key, value in settings:
+            set_config(c, key, value)
+        for text in user_overrides or ():
+            key, _, value = text.partition("=")
+            set_config(c, key.strip(), parse_value(value.strip()), where=f"override {text!r}")
+        return c
+
+    # --- training and features ----------------------------------------------------------------
+    def train(self, model, config):
+        """Trains one model (or finds it complete); returns its work dir."""
+        model_dir = os.path.join(self.work, "models", model.slug)
+        if common.finished(model_dir, config.train.iterations):
+            record_config(model_dir, config)   # refuses a work dir trained with another config
+            _check_features_current(model_dir, config)
+            print(f"  {model.row}: complete ({model_dir})", flush=True)
+            return model_dir
+        print(f"  {model.row}: training {config.train.iterations} iterations in {model_dir}", flush=True)
+        keras.backend.clear_session()
+        start = time.time()
+        result = trainer_class(config.stage)(config, model_dir).run()
+        self.timings.record(model.row, train_s=time.time() - start)
+        validation = ", ".join(f"{k[9:]} {v:.2f}" for k, v in result["validation"].items())
+        print(f"  {model.row}: {time.time() - start:.0f} s" + (f"; validation Dice {validation}" if validation
+                                                                 else ""), flush=True)
+        return model_dir
+
+    def extract_features(self, kind, dirs, data):
+        out_dir = os.path.join(self.work, "features", kind)
+        paths = {o: dirs[f"2d_{kind}_{o}"] for o in ORIENTATIONS}
+        try:
+            features_lib.check_request(features_lib.load_manifest(out_dir), out_dir, kind, False, paths)
+            print(f"  2D {kind} features: complete ({out_dir})", flush=True)
+            return out_dir
+        except (DataError, ConfigError):
+            pass
+        start = time.time()
+        manifest = features_lib.extract_features(data.records_dir, out_dir, paths, overwrite=True, verbose=False)
+        self.timings.record(f"2D {kind} features", extract_s=time.time() - start)
+        print(f"  2D {kind} features of {len(manifest['cases'])} cases: {time.time() - start:.0f} s", flush=True)
+        return out_dir
+
+    # --- inference, evaluation, report ---------------------------------------------------------
+    def predict(self, rows, dirs, data, vote=()):
+        """Label maps of every row's model (and of the vote of the `vote` rows) for the test
+        cases, through the segment code; returns {row: prediction folder}."""
+        pred_root = os.path.join(self.out_dir, "predictions")
+        loaded = segmentation.load_with_chains([dirs[m.slug] for m in rows])
+        wanted = {m.slug: model.sha256 for m, (model, _) in zip(rows, loaded)}
+        manifest_path = os.path.join(pred_root, "manifest.json")
+        done = _read_json(manifest_path, {})
+        if done.get("models") != wanted:
+            done = {"models": wanted, "cases": []}
+        slugs = {m.row: m.slug for m in rows}
+        if vote:
+            slugs[ENSEMBLE_ROW] = "ensemble"
+        cases = {c.case_id: c for c in discover_cases(data.test_dir, data.test_layout, data.test_layout_file)}
+        todo = [i for i in data.split["test"] if i not in done["cases"]]
+        start = time.time()
+        for number, case_id in enumerate(todo, 1):
+            case_start, maps = time.time(), {}
+            inputs, cache = segmentation.PreparedInputs(cases[case_id]), {}
+            segmentation.check_modalities(cases[case_id], [m for m, _ in loaded])
+            for m, (model, chain) in zip(rows, loaded):
+                maps[m.row], _ = segmentation.model_labels(model, chain, inputs, tile_size=self.scale.tile_size,
+                                                           feature_cache=cache)
+            if vote:
+                maps[ENSEMBLE_ROW], _ = ensemble.hierarchical_vote([maps[r] for r in vote], with_proportions=False)
+            for row, labels in maps.items():
+                path = os.path.join(pred_root, slugs[row], f"{case_id}_seg.nii.gz")
+                save_volume(path, map_labels(labels, segmentation.OUTPUT_LABEL_MAPS["brats2017"], path).astype(np.uint8),
+                            inputs.geometry)
+            done["cases"].append(case_id)
+            atomic_write(manifest_path, lambda p: common.write_json(p, done))
+            print(f"  [{len(data.split['test']) - len(todo) + number}/{len(data.split['test'])}] {case_id}: "
+                  f"{len(maps)} label maps in {time.time() - case_start:.0f} s", flush=True)
+        if todo:
+            self.timings.record("inference", per_case_s=(time.time() - start) / len(todo))
+        return {row: os.path.join(pred_root, slug) for row, slug in slugs.items()}
+
+    def evaluate(self, pred_dirs, data):
+        """{row: evaluation CSV} over the test cases (BraTS metrics)."""
+        csvs = {}
+        for row, pred_dir in pred_dirs.items():
+            evaluation = metrics.evaluate_dirs(pred_dir, data.test_dir, data.test_layout, data.test_layout_file,
+                                               workers=1, progress=False)
+            if evaluation.predictions_without_reference:
+                raise DataError(pred_dir, f"predictions without reference: {evaluation.predictions_without_reference}")
+            csvs[row] = os.path.join(self.out_dir, "evaluation", f"{os.path.basename(pred_dir)}.csv")
+            metrics.write_evaluation_csv(csvs[row], evaluation.rows)
+        return csvs
+
+    def report(self, title, evaluations, comparisons, logs, pred_dirs, data, overlay_rows, feature_dir=None,
+               extra_notes=()):
+        case_id = data.split["test"][0]
+        overlays = [self._overlay(case_id, data, {r: _pred_file(pred_dirs[r], case_id) for r in overlay_rows})]
+        feature_maps = [self._feature_maps(feature_dir, data)] if feature_dir else []
+        notes = list(extra_notes) + [self._settings_note(data), self._timings_note()]
+        path = report.write_report(self.out_dir, evaluations, comparisons, logs, overlays,
+                                   [f for f in feature_maps if f], title=title, notes=notes)
+        rows = {name: metrics.read_evaluation_csv(csv)[0] for name, csv in evaluations.items()}
+        print("\nMean Dice x 100 on the test cases:\n" + report_tables.mean_dice_table(rows), flush=True)
+        print(f"total {time.time() - self.started:.0f} s this run", flush=True)
+        return path
+
+    def _overlay(self, case_id, data, predictions):
+        case = {c.case_id: c for c in discover_cases(data.test_dir, data.test_layout, data.test_layout_file)}[case_id]
+        modality = next(m for m in ("flair", "t2", "t1c", "t1") if m in case.images)
+        loaded = load_case(case, [modality])
+        return report.Overlay(case_id, loaded.image[..., 0], loaded.label, predictions)
+
+    def _feature_maps(self, feature_dir, data):
+        """Fig. 10 for a test case (a validation case when the test set is external)."""
+        manifest = features_lib.load_manifest(feature_dir)
+        case_id = next((i for i in data.split["test"] + data.split["val"] if i in manifest["cases"]), None)
+        if case_id is None:
+            return None
+        case = next(reader.read_cases(data.records_dir, [case_id])).prepared
+        features = features_lib.load_features(feature_dir, [case_id])[case_id]
+        return report.FeatureMaps(case_id, features, image=case.image[..., -1], reference=case.label)
+
+    def _settings_note(self, data):
+        s = self.scale
+        return "\n".join([
+            "## Settings\n",
+            f"- scale `{s.name}` (config presets `{s.preset}`), seed {self.args.seed}, work dir `{self.work}`",
+            f"- data `{data.data_dir}` ({len(data.manifest['cases'])} cases, modalities "
+            f"{', '.join(data.manifest['modalities'])}, {data.manifest['normalization']} normalization); "
+            f"test cases from `{data.test_dir}`",
+            f"- split: {len(data.split['train'])} train / {len(data.split['val'])} validation / "
+            f"{len(data.split['test'])} test (`split.json`)",
+            f"- iterations: 2D {s.iterations_2d}, 3D {s.iterations_3d}; 2D settings {dict(s.set_2d)}; "
+            f"3D settings {dict(s.set_3d)}; overrides 2D {list(self.args.config_2d or [])}, "
+            f"3D {list(self.args.config_3d or [])}\n"])
+
+    def _timings_note(self):
+        stages = self.timings.data.get("stages", {})
+        models = {k: v for k, v in self.timings.data.items() if k != "stages"}
+        lines = ["## Time per stage (this run; skipped stages take ~0 s)\n",
+                 report_tables.markdown_table(["Stage", "Seconds"], [[k, f"{v:.0f}"] for k, v in stages.items()])]
+        if models:
+            lines += ["Per model / step (when it last ran):\n",
+                      report_tables.markdown_table(["Step", "Seconds"], [
+                          [k, ", ".join(f"{n} {v:.1f}" for n, v in values.items())] for k, values in models.items()])]
+        return "\n".join(lines)
+
+
+# ------------------------------------------------------------------ helpers
+
+def split_case_ids(ids, scale, seed, external_test=False, subsets=0):
+    """Seeded split over sorted ids: test (a fraction; none with an external test set),
+    validation (kept small so at least two training cases remain), train; with `subsets`,
+    the training ids are also dealt into that many seeded subsets of near-equal size."""
+    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(ids))]
+    num_test = 0 if external_test else max(1, round(len(ids) * scale.test_fraction))
+    num_val = min(scale.num_val, max(len(ids) - num_test - 2, 0))
+    split = {"test": sorted(order[:num_test]), "val": sorted(order[num_test:num_test + num_val]),
+             "train": sorted(order[num_test + num_val:])}
+    if not split["train"] or (not external_test and not split["test"]):
+        raise ConfigError(f"{len(ids)} labeled cases are too few for a train/test split")
+    if subsets:
+        train = order[num_test + num_val:]
+        if len(train) < subsets:
+            raise ConfigError(f"{len(train)} training cases cannot fill {subsets} subsets")
+        split["subsets"] = [sorted(train[k::subsets]) for k in range(subsets)]
+    return split
+
+
+def link_dataset_without(data_dir, out_dir, layout, layout_file, drop):
+    """A copy of `data_dir` made of symbolic links, without the image of modality
+    `drop[case_id]` for the listed cases (one file per modality needed)."""
+    cases = {c.case_id: c for c in discover_cases(data_dir, layout, layout_file)}
+    skip = set()
+    for case_id, modality in drop.items():
+        source = cases[case_id].images.get(modality)
+        if source is None:
+            continue
+        if source.channel is not None:
+            raise ConfigError(f"{source.path}: modalities share one 4D file; table2_missing needs a file per "
+                              f"modality")
+        skip.add(os.path.abspath(source.path))
+    for root, _, files in os.walk(data_dir):
+        for name in files:
+            path = os.path.abspath(os.path.join(root, name))
+            target = os.path.join(out_dir, os.path.relpath(path, data_dir))
+            if path in skip:
+                if os.path.lexists(target):
+                    os.remove(target)
+                continue
+            if not os.path.lexists(target):
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                os.symlink(path, target)
+
+
+def set_config(config, key, value, where="setting"):
+    """config[key] = value for a dotted key that the config defines."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node:
+            raise ConfigError(f"{where}: the config has no {key!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"{where}: the config has no {key!r}")
+    node[leaf] = value
+
+
+def parse_value(text):
+    """A Python literal where the text is one (4, (4,6,8), 0.5, True, None), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _check_features_current(model_dir, config):
+    """A finished 2D-3D model must come from the features (2D models) it is asked for."""
+    if not (config.stage == "3d" and config.features.dir):
+        return
+    with open(os.path.join(model_dir, "model_info.json")) as f:
+        trained = (json.load(f).get("features") or {}).get("models", {})
+    current = features_lib.load_manifest(config.features.dir)["models"]
+    if {o: trained.get(o, {}).get("sha256") for o in ORIENTATIONS} != \
+            {o: current[o]["sha256"] for o in ORIENTATIONS}:
+        raise ConfigError(f"{model_dir}: trained on features of other 2D models; remove it (or use a new "
+                          f"--workdir) to retrain it on the current ones")
+
+
+def _scale(args):
+    if isinstance(args.scale, Scale):
+        return args.scale
+    if args.scale not in SCALES:
+        raise ConfigError(f"--scale={args.scale!r}: use one of {sorted(SCALES)}")
+    return SCALES[args.scale]
+
+
+def _pred_file(pred_dir, case_id):
+    return os.path.join(pred_dir, f"{case_id}_seg.nii.gz")
+
+
+def _read_json(path, default):
+    if not os.path.exists(path):
+        return default
+    with open(path) as f:
+        return json.load(f)
+

@@ -1,0 +1,145 @@
+"""[M]'s experiments: splits, config overrides, the missing-sequence data copy, and (slow)
+the demo and table2_missing end to end at a tiny scale, with re-runs that skip finished
+work and a resumed training."""
+
+import json
+import os
+from types import SimpleNamespace
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brats_tf import experiments, synthetic
+from brats_tf.configs import train3d
+from brats_tf.errors import ConfigError
+from brats_tf.experiments import mlynarski as M
+from brats_tf.io.cases import discover_cases
+from brats_tf.metrics import read_evaluation_csv
+
+TINY = M.Scale("tiny", "small", 8, (48, 48, 40), 0.3, 1, 3, 2, 2,
+               set_2d=(("train.val_every", 0), ("train.checkpoint_every", 2)),
+               set_3d=(("model.levels", (2, 2, 2)), ("model.final", 2), ("model.input_size", 46),
+                       ("optim.accumulation_steps", 1), ("train.val_every", 0), ("train.checkpoint_every", 1)))
+
+
+def _args(workdir, **kw):
+    values = dict(scale=TINY, workdir=str(workdir), data_dir=None, layout="auto", layout_file=None, test_dir=None,
+                  seed=0, strategy="off", config_2d=[], config_3d=[])
+    values.update(kw)
+    return SimpleNamespace(**values)
+
+
+def test_split_is_seeded_over_sorted_ids_and_keeps_two_training_cases():
+    ids = [f"c{i:03d}" for i in range(285)]
+    split = M.split_case_ids(ids[::-1], M.SCALES["paper"], seed=1)
+    assert (len(split["test"]), len(split["val"]), len(split["train"])) == (50, 5, 230)
+    assert sorted(sum(split.values(), [])) == ids and all(v == sorted(v) for v in split.values())
+    assert split == M.split_case_ids(ids, M.SCALES["paper"], seed=1) != M.split_case_ids(ids, M.SCALES["paper"], 2)
+    three = M.split_case_ids(["a", "b", "c"], M.SCALES["demo"], seed=0)        # the real BraTS 2013 sample
+    assert (len(three["test"]), len(three["val"]), len(three["train"])) == (1, 0, 2)
+    external = M.split_case_ids(ids[:20], M.SCALES["demo"], seed=0, external_test=True)
+    assert external["test"] == [] and len(external["train"]) == 18
+    with pytest.raises(ConfigError, match="too few"):
+        M.split_case_ids(["a"], M.SCALES["demo"], seed=0)
+
+
+def test_subsets_deal_the_training_cases_evenly():
+    split = M.split_case_ids([f"c{i:02d}" for i in range(20)], M.SCALES["demo"], seed=0, subsets=5)
+    sizes = sorted(len(s) for s in split["subsets"])
+    assert sizes[-1] - sizes[0] <= 1 and sum(sizes) == len(split["train"])
+    assert sorted(sum(split["subsets"], [])) == split["train"]
+
+
+def test_config_overrides_are_parsed_and_unknown_keys_refused():
+    c = train3d.get_config("small")
+    M.set_config(c, "model.levels", M.parse_value("(4, 6, 8)"))
+    M.set_config(c, "optim.accumulation_steps", M.parse_value("2"))
+    M.set_config(c, "train.strategy", M.parse_value("mirrored"))
+    assert c.model.levels == (4, 6, 8) and c.optim.accumulation_steps == 2 and c.train.strategy == "mirrored"
+    with pytest.raises(ConfigError, match="no 'model.widths'"):
+        M.set_config(c, "model.widths", 3)
+
+
+def test_missing_sequence_copy_links_every_file_but_the_dropped_ones(tmp_path):
+    data = tmp_path / "data"
+    synthetic.write_dataset(data, 3, seed=0, shape=(24, 24, 20), progress=False)
+    ids = sorted(c.case_id for c in discover_cases(data))
+    out = tmp_path / "missing"
+    M.link_dataset_without(str(data), str(out), "auto", None, {ids[1]: "t2", ids[2]: "flair"})
+    cases = {c.case_id: c for c in discover_cases(out)}
+    assert set(cases[ids[0]].images) == {"t1", "t1c", "t2", "flair"}
+    assert "t2" not in cases[ids[1]].images and "t2" in cases[ids[1]].missing
+    assert "flair" not in cases[ids[2]].images and cases[ids[2]].label is not None
+    linked = cases[ids[0]].images["t1"].path
+    assert os.path.islink(linked) and os.path.realpath(linked).startswith(str(data))
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_then_a_rerun_skips_and_a_lost_export_resumes(tmp_path, capsys):
+    report = experiments.run("demo", _args(tmp_path))
+    text = open(report).read()
+    rows = [M.twod("model1").row, M.twod("model2").row, M.STANDARD_3D.row] + [m.row for m in M.SIX_2D3D] + \
+        [M.ENSEMBLE_ROW]
+    for row in rows:
+        assert f"| {row} |" in text
+    assert "Standard 3D vs 2D-3D" in text and "2D-3D vs ensembling of 2D-3D" in text
+    assert "## Time per stage" in text and (tmp_path / "demo" / "dice_boxplots.png").stat().st_size > 5_000
+    assert (tmp_path / "demo" / "feature_maps.png").exists() and (tmp_path / "demo" / "segmentations.png").exists()
+    split = json.loads((tmp_path / "split.json").read_text())
+    evaluation, _ = read_evaluation_csv(tmp_path / "demo" / "evaluation" / "ensemble.csv")
+    assert [r["Label"] for r in evaluation] == split["test"]
+    # Every prediction lies on its case's original grid with BraTS labels.
+    case = split["test"][0]
+    pred = nib.load(tmp_path / "demo" / "predictions" / "3d_A_model1" / f"{case}_seg.nii.gz")
+    ref = nib.load(tmp_path / "data" / "phantoms" / case / f"{case}_seg.nii.gz")
+    assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+    assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
+    features = json.loads((tmp_path / "features" / "model1" / "manifest.json").read_text())
+    assert features["complete"] and features["kind"] == "model1"
+
+    # A re-run trains and predicts nothing and reproduces the tables.
+    capsys.readouterr()
+    again = open(experiments.run("demo", _args(tmp_path))).read()
+    out = capsys.readouterr().out
+    assert out.count(": complete (") == 6 + 7 + 2 and "training" not in out and "label maps" not in out
+    assert again.split("## Figures")[0] == text.split("## Figures")[0]
+
+    # An export lost after the last checkpoint: the model resumes (no new iterations),
+    # is exported again, and only then are predictions redone.
+    model_dir = tmp_path / "models" / "3d_B_model2"
+    log_lines = (model_dir / "train_log.csv").read_text()
+    os.remove(model_dir / "model_info.json")
+    experiments.run("demo", _args(tmp_path))
+    out = capsys.readouterr().out
+    assert "2D-3D model B, features from 2D model 2: training" in out and out.count(": complete (") == 6 + 6 + 2
+    assert (model_dir / "train_log.csv").read_text() == log_lines and (model_dir / "model_info.json").exists()
+
+    # Another config in the same work dir is refused, naming the model's work dir.
+    with pytest.raises(ConfigError, match="another config"):
+        experiments.run("demo", _args(tmp_path, config_3d=["optim.momentum=0.5"]))
+
+
+@pytest.mark.slow
+def test_table2_missing_pretrains_subnetworks_on_cases_having_their_sequence(tmp_path):
+    scale = M.Scale("tiny", "small", 10, (40, 40, 32), 0.2, 1, 2, 0, 2,
+                    set_2d=(("train.val_every", 0), ("train.checkpoint_every", 2)))
+    report = experiments.run("table2_missing", _args(tmp_path, scale=scale))
+    text = open(report).read()
+    for row in ("2D model 1, missing data", "2D model 1, missing data + pretrained subnetworks",
+                "2D model 1, full data", "2D vs 2D with pretrained subnetworks, missing data"):
+        assert f"| {row} |" in text
+    split = json.loads((tmp_path / "split.json").read_text())
+    assert len(split["subsets"]) == 5
+    # The T1 subnetwork is given every training case; the records mark T1 absent in subset 2,
+    # so the trainer keeps the others.
+    t1_split = json.loads((tmp_path / "models" / "subnetwork_t1" / "split.json").read_text())
+    info = json.loads((tmp_path / "models" / "subnetwork_t1" / "model_info.json").read_text())
+    assert info["subnetwork"] == "t1" and sorted(t1_split["train"]) == split["train"]
+    records = json.loads((tmp_path / "records_missing" / "manifest.json").read_text())
+    present = {c["case_id"]: c["modalities_present"] for c in records["cases"]}
+    assert all("t1" not in present[i] for i in split["subsets"][1])
+    assert all(len(present[i]) == 4 for i in split["subsets"][0] + split["test"])
+    pretrained = json.loads((tmp_path / "models" / "2d_model1_subset1_pretrained" / "config.json").read_text())
+    assert pretrained["train"]["pretrained_subnetworks"].count("subnetwork_") == 4
+    assert sorted(pretrained["data"]["train_cases"]) == split["subsets"][0]
