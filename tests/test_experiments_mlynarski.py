@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from brats_tf import experiments, synthetic
+from brats_tf import features as features_lib
 from brats_tf.configs import train3d
 from brats_tf.errors import ConfigError
 from brats_tf.experiments import mlynarski as M
@@ -95,7 +96,7 @@ def test_demo_end_to_end_then_a_rerun_skips_and_a_lost_export_resumes(tmp_path, 
     ref = nib.load(tmp_path / "data" / "phantoms" / case / f"{case}_seg.nii.gz")
     assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 4}
-    features = json.loads((tmp_path / "features" / "model1" / "manifest.json").read_text())
+    features = json.loads((tmp_path / "features" / "model1" / features_lib.MANIFEST).read_text())
     assert features["complete"] and features["kind"] == "model1"
 
     # A re-run trains and predicts nothing and reproduces the tables.
