@@ -5,6 +5,8 @@ touching the process-wide backend, so it is safe in a training process too.
 Every function takes plain arrays/rows and an output path, and writes atomically.
 """
 
+import textwrap
+
 import numpy as np
 from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
@@ -119,7 +121,7 @@ def segmentation_overlays(cases, out_path):
             ax.set_xticks([])
             ax.set_yticks([])
             if row == 0:
-                ax.set_title(title, fontsize=FONT["title"])
+                ax.set_title(textwrap.fill(title, 24), fontsize=FONT["title"])   # long model names
         axes[row, 0].set_ylabel(f"{case_id}\n(axial {z})", fontsize=FONT["label"])
     handles = [Patch(color=CLASS_COLORS[k], label=CLASS_NAMES[k]) for k in (1, 2, 3)]
     fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=FONT["legend"], frameon=False)

@@ -37,7 +37,7 @@ def test_split_is_seeded_over_sorted_ids_and_keeps_two_training_cases():
     assert (len(split["test"]), len(split["val"]), len(split["train"])) == (50, 5, 230)
     assert sorted(sum(split.values(), [])) == ids and all(v == sorted(v) for v in split.values())
     assert split == M.split_case_ids(ids, M.SCALES["paper"], seed=1) != M.split_case_ids(ids, M.SCALES["paper"], 2)
-    three = M.split_case_ids(["a", "b", "c"], M.SCALES["demo"], seed=0)        # the real BraTS 2013 sample
+    three = M.split_case_ids(["a", "b", "c"], M.SCALES["demo"], seed=0)
     assert (len(three["test"]), len(three["val"]), len(three["train"])) == (1, 0, 2)
     external = M.split_case_ids(ids[:20], M.SCALES["demo"], seed=0, external_test=True)
     assert external["test"] == [] and len(external["train"]) == 18
