@@ -144,3 +144,12 @@ def test_table2_missing_pretrains_subnetworks_on_cases_having_their_sequence(tmp
     pretrained = json.loads((tmp_path / "models" / "2d_model1_subset1_pretrained" / "config.json").read_text())
     assert pretrained["train"]["pretrained_subnetworks"].count("subnetwork_") == 4
     assert sorted(pretrained["data"]["train_cases"]) == split["subsets"][0]
+
+
+def test_every_model_row_names_a_kind_the_trainers_know():
+    from brats_tf.models import unet2d, unet3d
+    rows = [M.twod(k, o) for k in M.KINDS_2D for o in M.ORIENTATIONS] + [M.twod("unet_axial"), M.STANDARD_3D]
+    rows += M.SIX_2D3D
+    for row in rows:
+        assert row.kind in (unet2d.KINDS if row.stage == "2d" else unet3d.KINDS), row
+    assert len({r.slug for r in rows}) == len(rows) and len({r.row for r in rows}) == len(rows)

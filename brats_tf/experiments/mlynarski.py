@@ -91,8 +91,10 @@ class Model:
 
 
 def twod(kind, orientation="axial"):
-    names = {"model1": "2D model 1", "model2": "2D model 2", "unet": "U-Net"}
-    return Model(f"{names[kind]} {orientation} slices", f"2d_{kind}_{orientation}", "2d", kind, orientation)
+    """A 2D model row: model1 | model2 in an orientation, or the unet_axial baseline."""
+    names = {"model1": "2D model 1", "model2": "2D model 2", "unet_axial": "U-Net"}
+    slug = "2d_unet_axial" if kind == "unet_axial" else f"2d_{kind}_{orientation}"
+    return Model(f"{names[kind]} {orientation} slices", slug, "2d", kind, orientation)
 
 
 STANDARD_3D = Model("Standard 3D model (without 2D features)", "3d_standard", "3d", "standard")
@@ -144,7 +146,7 @@ def _method_tables(args, experiment, with_unet, title):
     run = Run(args, experiment, STAGES)
     with run.stage("data and records"):
         data = run.prepare_data()
-    models_2d = [twod(k, o) for k in KINDS_2D for o in ORIENTATIONS] + ([twod("unet")] if with_unet else [])
+    models_2d = [twod(k, o) for k in KINDS_2D for o in ORIENTATIONS] + ([twod("unet_axial")] if with_unet else [])
     with run.stage("2D models"):
         dirs = {m.slug: run.train(m, run.config_2d(m, data)) for m in models_2d}
     with run.stage("2D features"):
@@ -152,7 +154,7 @@ def _method_tables(args, experiment, with_unet, title):
     with run.stage("3D models"):
         for m in [STANDARD_3D] + SIX_2D3D:
             dirs[m.slug] = run.train(m, run.config_3d(m, data, feature_dirs, dirs))
-    rows = ([twod("unet")] if with_unet else []) + [twod(k) for k in KINDS_2D] + [STANDARD_3D] + SIX_2D3D
+    rows = ([twod("unet_axial")] if with_unet else []) + [twod(k) for k in KINDS_2D] + [STANDARD_3D] + SIX_2D3D
     with run.stage("inference and vote"):
         pred_dirs = run.predict(rows, dirs, data, vote=[m.row for m in SIX_2D3D])
     with run.stage("evaluation"):
