@@ -30,6 +30,7 @@ import numpy as np
 from brats_tf import inference
 from brats_tf.constants import CLASS_NAMES
 from brats_tf.errors import ConfigError, DataError
+from brats_tf.io.manifest import read_manifest
 from brats_tf.io.nifti import atomic_write
 from brats_tf.models import unet2d
 from brats_tf.records import reader
@@ -262,17 +263,8 @@ def _write_manifest(out_dir, manifest):
 # --- loading for the 3D stage -----------------------------------------------------------------
 
 def load_manifest(features_dir):
-    path = os.path.join(features_dir, MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise DataError(path, "no feature manifest here; extract features with data_prep.extract_features") from None
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"feature manifest is not valid JSON ({err.msg})") from None
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise DataError(path, f"feature format {manifest.get('format_version')} is not {FORMAT_VERSION}; re-extract")
-    return manifest
+    return read_manifest(features_dir, MANIFEST, "feature", "extract features with data_prep.extract_features",
+                         "format_version", FORMAT_VERSION)
 
 
 def check_request(manifest, features_dir, kind=None, cross_fold=False, model_paths=None):

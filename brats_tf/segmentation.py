@@ -88,27 +88,21 @@ class Plan:
 
 
 def plan_models(paths):
-    models = [load_exported(p) for p in paths]
-    if not models:
+    """The models that give label maps, each with its feature chain; 2D models that only
+    feed a chain do not vote."""
+    if not paths:
         raise ConfigError("--models: give at least one exported model")
-    by_hash = {m.sha256: m for m in models}
-    chains, extractors = [], set()
-    for model in models:
-        chain = _find_chain(model, by_hash) if model.needs_features else None
-        chains.append(chain)
-        extractors |= {m.sha256 for m in (chain or {}).values()}
-    final = [(m, c) for m, c in zip(models, chains) if m.sha256 not in extractors or m.stage == "3d"]
+    loaded = load_with_chains(paths)
+    extractors = {m.sha256 for _, chain in loaded for m in (chain or {}).values()}
+    final = [(m, c) for m, c in loaded if m.sha256 not in extractors or m.stage == "3d"]
     return Plan([m for m, _ in final], [c for _, c in final])
 
 
 def load_with_chains(paths):
-    """[(model, chain or None)] for every path, in order: unlike `plan_models`, 2D models
-    that feed a chain stay in the list; shared models are loaded once."""
-    models = [load_exported(p) for p in paths]
+    """[(model, chain or None)] for every path, in order, each model loaded once (a 2D model
+    feeding a chain stays in the list: see `plan_models` for the voting ones)."""
     by_hash = {}
-    for model in models:
-        by_hash.setdefault(model.sha256, model)
-    models = [by_hash[m.sha256] for m in models]
+    models = [by_hash.setdefault(m.sha256, m) for m in map(load_exported, paths)]
     return [(m, _find_chain(m, by_hash) if m.needs_features else None) for m in models]
 
 

@@ -1,5 +1,5 @@
-"""The main job until the end-to-end experiment exists: synthesize the built-in dataset,
-check it, build its records, and print where they are.
+"""Prepares data for hand-run training (the main job is `python run_experiment.py`):
+synthesize the built-in dataset, check it, build its records, and print where they are.
 
     python -m data_prep.prepare_demo --workdir demo_work [--num_cases 24] [--shape 96,96,72]
 
@@ -14,10 +14,8 @@ from absl import app, flags
 
 from brats_tf import synthetic
 from brats_tf.errors import DataError, run_main
-from brats_tf.io.cases import discover_cases
+from brats_tf.experiments import common
 from brats_tf.io.check import check_dataset
-from brats_tf.records import reader
-from brats_tf.records.writer import build_records
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "demo_work", "Folder for the dataset (data/) and records (records/).")
@@ -37,23 +35,9 @@ def prepare_demo(workdir, num_cases, seed, shape):
         print("  " + line)
     if not report.ok:
         raise DataError(data_dir, f"{len(report.problems)} problems in the synthesized dataset")
-    print(f"[3/3] building records in {records_dir}", flush=True)
-    if _records_match(records_dir, data_dir):
-        print("  records are complete (manifest matches); kept")
-    else:
-        build_records(data_dir, records_dir, overwrite=True)
+    print(f"[3/3] records in {records_dir} (kept when their manifest matches the dataset)", flush=True)
+    common.ensure_records(data_dir, records_dir)
     return records_dir
-
-
-def _records_match(records_dir, data_dir):
-    """True when the record set's manifest lists exactly the dataset's cases, from this folder."""
-    try:
-        manifest = reader.load_manifest(records_dir)
-    except DataError:
-        return False
-    ids = [c.case_id for c in discover_cases(data_dir)]
-    return (manifest["source_dir"] == os.path.abspath(data_dir)
-            and [c["case_id"] for c in manifest["cases"]] == ids)
 
 
 def main(argv):

@@ -70,6 +70,15 @@ def _ids_in(value):
     return [i for item in items for i in _ids_in(item)]
 
 
+def resolve_scale(scale, scales, scale_type):
+    """A scale given by name (a key of `scales`) or as a `scale_type` object (tests, custom runs)."""
+    if isinstance(scale, scale_type):
+        return scale
+    if scale not in scales:
+        raise ConfigError(f"--scale={scale!r}: use one of {sorted(scales)}")
+    return scales[scale]
+
+
 def finished(model_dir, iterations):
     """True when the trainer exported the model after at least `iterations` (model_info.json
     is written atomically after model.keras: its presence means a complete export)."""

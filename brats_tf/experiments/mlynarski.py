@@ -205,13 +205,13 @@ def table2_missing(args):
         evaluations = run.evaluate(pred_dirs, data)
     comparisons = [("2D vs 2D with pretrained subnetworks, missing data", subset_model.row, pretrained.row)]
     with run.stage("report"):
-        notes = [common_subsets_note(subsets, modalities)]
+        notes = [subsets_note(subsets, modalities)]
         return run.report("Table 2: missing MR sequences", evaluations, comparisons,
                           {m.row: os.path.join(dirs[m.slug], "train_log.csv") for m in rows}, pred_dirs, data,
                           overlay_rows=[m.row for m in rows], extra_notes=notes)
 
 
-def common_subsets_note(subsets, modalities):
+def subsets_note(subsets, modalities):
     lines = ["## Training subsets (Table 2)\n",
              "Subset 1 has every sequence; subset k+1 lacks the k-th (its file is left out of the linked "
              "copy `data_missing/`, so the records mark it absent).\n"]
@@ -226,7 +226,7 @@ def common_subsets_note(subsets, modalities):
 class Run:
     def __init__(self, args, experiment, stages):
         self.args, self.experiment = args, experiment
-        self.scale = _scale(args)
+        self.scale = common.resolve_scale(args.scale, SCALES, Scale)
         self.work = os.path.abspath(args.workdir or os.path.join("runs", experiment))
         self.out_dir = os.path.join(self.work, experiment)
         self.started = time.time()
@@ -366,8 +366,8 @@ class Run:
                 maps[ENSEMBLE_ROW], _ = ensemble.hierarchical_vote([maps[r] for r in vote], with_proportions=False)
             for row, labels in maps.items():
                 path = os.path.join(pred_root, slugs[row], f"{case_id}_seg.nii.gz")
-                save_volume(path, map_labels(labels, segmentation.OUTPUT_LABEL_MAPS["brats2017"], path).astype(np.uint8),
-                            inputs.geometry)
+                brats_labels = map_labels(labels, segmentation.OUTPUT_LABEL_MAPS["brats2017"], path)
+                save_volume(path, brats_labels.astype(np.uint8), inputs.geometry)
             done["cases"].append(case_id)
             atomic_write(manifest_path, lambda p: common.write_json(p, done))
             print(f"  [{len(data.split['test']) - len(todo) + number}/{len(data.split['test'])}] {case_id}: "
@@ -377,16 +377,18 @@ class Run:
         return {row: os.path.join(pred_root, slug) for row, slug in slugs.items()}
 
     def evaluate(self, pred_dirs, data):
-        """{row: evaluation CSV} over the test cases (BraTS metrics)."""
-        csvs = {}
+        """{row: per-case metric rows} over the test cases (BraTS metrics), each also written
+        to `evaluation/<model>.csv`."""
+        evaluations = {}
         for row, pred_dir in pred_dirs.items():
             evaluation = metrics.evaluate_dirs(pred_dir, data.test_dir, data.test_layout, data.test_layout_file,
                                                workers=1, progress=False)
             if evaluation.predictions_without_reference:
                 raise DataError(pred_dir, f"predictions without reference: {evaluation.predictions_without_reference}")
-            csvs[row] = os.path.join(self.out_dir, "evaluation", f"{os.path.basename(pred_dir)}.csv")
-            metrics.write_evaluation_csv(csvs[row], evaluation.rows)
-        return csvs
+            csv_name = f"{os.path.basename(pred_dir)}.csv"
+            metrics.write_evaluation_csv(os.path.join(self.out_dir, "evaluation", csv_name), evaluation.rows)
+            evaluations[row] = evaluation.rows
+        return evaluations
 
     def report(self, title, evaluations, comparisons, logs, pred_dirs, data, overlay_rows, feature_dir=None,
                extra_notes=()):
@@ -396,8 +398,7 @@ class Run:
         notes = list(extra_notes) + [self._settings_note(data), self._timings_note()]
         path = report.write_report(self.out_dir, evaluations, comparisons, logs, overlays,
                                    [f for f in feature_maps if f], title=title, notes=notes)
-        rows = {name: metrics.read_evaluation_csv(csv)[0] for name, csv in evaluations.items()}
-        print("\nMean Dice x 100 on the test cases:\n" + report_tables.mean_dice_table(rows), flush=True)
+        print("\nMean Dice x 100 on the test cases:\n" + report_tables.mean_dice_table(evaluations), flush=True)
         print(f"total {time.time() - self.started:.0f} s this run", flush=True)
         return path
 
@@ -522,14 +523,6 @@ def _check_features_current(model_dir, config):
             {o: current[o]["sha256"] for o in ORIENTATIONS}:
         raise ConfigError(f"{model_dir}: trained on features of other 2D models; remove it (or use a new "
                           f"--workdir) to retrain it on the current ones")
-
-
-def _scale(args):
-    if isinstance(args.scale, Scale):
-        return args.scale
-    if args.scale not in SCALES:
-        raise ConfigError(f"--scale={args.scale!r}: use one of {sorted(SCALES)}")
-    return SCALES[args.scale]
 
 
 def _pred_file(pred_dir, case_id):

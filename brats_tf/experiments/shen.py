@@ -103,7 +103,8 @@ class Site:
 
 def shen_ablation(args):
     """[S] Table 1 / Fig. 5 on site A; returns the report path."""
-    started, scale, work = time.time(), _scale(args), os.path.abspath(args.workdir)
+    started, work = time.time(), os.path.abspath(args.workdir)
+    scale = common.resolve_scale(args.scale, SCALES, Scale)
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     out_dir = os.path.join(work, "shen_ablation")
     timings = common.Timings(os.path.join(out_dir, "timings.json"))
@@ -118,7 +119,8 @@ def shen_ablation(args):
 
 def shen_transfer(args):
     """[S] Table 2 / Fig. 8: site A -> site B; returns the report path."""
-    started, scale, work = time.time(), _scale(args), os.path.abspath(args.workdir)
+    started, work = time.time(), os.path.abspath(args.workdir)
+    scale = common.resolve_scale(args.scale, SCALES, Scale)
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     site_b = prepare_site(work, "b", args.target_data_dir, args, scale)
     out_dir = os.path.join(work, "shen_transfer")
@@ -139,15 +141,6 @@ def shen_transfer(args):
             results.append((plain.kind, method, rows, TRANSFER_PAPER[(plain.kind, method)]))
     return shen_report.write_transfer_report(out_dir, results, source_results, timings.data,
                                              _settings(args, scale, [site_a, site_b]), time.time() - started)
-
-
-def _scale(args):
-    """args.scale: a name in SCALES, or a `Scale` (tests, custom runs)."""
-    if isinstance(args.scale, Scale):
-        return args.scale
-    if args.scale not in SCALES:
-        raise ConfigError(f"--scale={args.scale!r}: use one of {sorted(SCALES)}")
-    return SCALES[args.scale]
 
 
 def _bcn_tile(scale):

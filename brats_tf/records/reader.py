@@ -1,6 +1,5 @@
 """Reads record sets written by `writer.build_records`: manifest, tf.data of cases, NumPy cases."""
 
-import json
 import os
 from dataclasses import dataclass
 
@@ -9,24 +8,15 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from brats_tf.errors import DataError
+from brats_tf.io.manifest import read_manifest
 from brats_tf.preprocess import CropBox, PreparedCase
 from brats_tf.records import schema
 from brats_tf.records.writer import MANIFEST
 
 
 def load_manifest(records_dir):
-    path = os.path.join(records_dir, MANIFEST)
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except FileNotFoundError:
-        raise DataError(path, "no record manifest here; build records with data_prep.build_records") from None
-    except json.JSONDecodeError as err:
-        raise DataError(path, f"manifest is not valid JSON ({err.msg})") from None
-    if manifest.get("schema_version") != schema.SCHEMA_VERSION:
-        raise DataError(path, f"record schema {manifest.get('schema_version')} is not "
-                              f"{schema.SCHEMA_VERSION}; rebuild the records")
-    return manifest
+    return read_manifest(records_dir, MANIFEST, "record", "build records with data_prep.build_records",
+                         "schema_version", schema.SCHEMA_VERSION)
 
 
 def case_dataset(records_dir, case_ids=None):
