@@ -16,6 +16,8 @@ scale), dropout 0.5 on the BCN's first FC layer and 0.25 after the FCN's convolu
 
 import ml_collections
 
+from brats_tf.configs import common
+
 MODELS = ("bcn", "fcn", "fifcn")
 SCALES = ("demo", "paper")
 PRESETS = tuple(f"{m}_{s}" for m in MODELS for s in SCALES)
@@ -37,11 +39,7 @@ def get_config(preset="bcn_demo"):
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
     kind, scale = preset.split("_")
     paper = scale == "paper"
-    c = ml_collections.ConfigDict()
-    c.stage = "baseline"                    # which trainer (brats_tf/training.py TRAINERS)
-    c.preset = preset
-    c.seed = 0
-    c.deterministic = False
+    c = common.base_config("baseline", preset)
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = kind
@@ -56,13 +54,8 @@ def get_config(preset="bcn_demo"):
     c.model.volume_size = FIFCN_VOLUME[scale]   # FIFCN: center crop / pad of the cropped case
     c.model.num_pools = 3                   # FIFCN
 
-    c.data = ml_collections.ConfigDict()
-    c.data.records_dir = ml_collections.FieldReference(None, field_type=str)
+    c.data = common.case_selection(num_val_cases=5 if paper else 2)
     c.data.normalization = "zscore"         # required of the records ([S] §4.1); None: any
-    c.data.train_cases = ml_collections.FieldReference(None, field_type=list)  # None: all but val
-    c.data.val_cases = ml_collections.FieldReference(None, field_type=list)    # None: a few held out
-    c.data.num_val_cases = 5 if paper else 2
-    c.data.modalities = ml_collections.FieldReference(None, field_type=list)   # None: the records'
     c.data.batch_size = (32 if paper else 16) if kind != "fifcn" else 2
     c.data.sampling = "tumor_balanced"      # [S]: majority-tumor / majority-background patches
 
@@ -72,13 +65,9 @@ def get_config(preset="bcn_demo"):
     c.optim = ml_collections.ConfigDict()
     c.optim.learning_rate = 1e-3            # Adam, constant
 
-    c.train = ml_collections.ConfigDict()
-    c.train.iterations = (20000 if paper else 200) if kind != "fifcn" else (10000 if paper else 150)
-    c.train.checkpoint_every = 500 if paper else 50
-    c.train.keep_checkpoints = 2
-    c.train.val_every = 1000 if paper else 0    # 0: validate only at the end
-    c.train.strategy = "off"                # off | mirrored | multi_worker | tpu
-    c.train.jit_compile = False
+    iterations = (20000 if paper else 200) if kind != "fifcn" else (10000 if paper else 150)
+    c.train = common.training_loop(iterations, checkpoint_every=500 if paper else 50,
+                                   val_every=1000 if paper else 0)
     c.train.init_from = ml_collections.FieldReference(None, field_type=str)   # transfer: a model dir
     c.train.inference_tile = 41 if paper else 33   # BCN output tile at validation (9 = [S]'s 25³ -> 9³)
     return c

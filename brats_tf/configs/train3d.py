@@ -13,6 +13,8 @@ many output voxels one patch trains (input - 44).
 
 import ml_collections
 
+from brats_tf.configs import common
+
 MODEL_KINDS = ("standard", "A", "B", "C")
 PRESETS = ("paper", "small")
 
@@ -21,11 +23,7 @@ def get_config(preset="small"):
     if preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
     paper = preset == "paper"
-    c = ml_collections.ConfigDict()
-    c.stage = "3d"                          # which trainer (brats_tf/training.py TRAINERS)
-    c.preset = preset
-    c.seed = 0
-    c.deterministic = False
+    c = common.base_config("3d", preset)
 
     c.model = ml_collections.ConfigDict()
     c.model.kind = "A"                      # standard | A | B | C (models/unet3d.py)
@@ -38,12 +36,7 @@ def get_config(preset="small"):
     # so `small` keeps the paper's 70³ (a smaller side works too: the field stays 45³).
     c.model.input_size = 70
 
-    c.data = ml_collections.ConfigDict()
-    c.data.records_dir = ml_collections.FieldReference(None, field_type=str)
-    c.data.train_cases = ml_collections.FieldReference(None, field_type=list)
-    c.data.val_cases = ml_collections.FieldReference(None, field_type=list)
-    c.data.num_val_cases = 5 if paper else 2
-    c.data.modalities = ml_collections.FieldReference(None, field_type=list)   # None: the records'
+    c.data = common.case_selection(num_val_cases=5 if paper else 2)
     c.data.batch_size = 5 if paper else 4   # >= 4: class-balanced batches hold every class
     c.data.sampling = "class_balanced"      # class_balanced | tumor_balanced | uniform
 
@@ -58,21 +51,9 @@ def get_config(preset="small"):
     c.loss.target_weights = (0.4, 0.2, 0.2, 0.2)
     c.loss.main_weight = 1.0                # one output, no auxiliary heads
 
-    c.optim = ml_collections.ConfigDict()
-    c.optim.learning_rate = 0.25
-    c.optim.min_learning_rate = 0.001
-    c.optim.period = 200 if paper else 20
-    c.optim.decrease_ratio = 0.98
-    c.optim.momentum = 0.9
-    c.optim.accumulation_steps = 5         # N batches per update [M §2.4]
-    c.optim.epsilon = 1e-8
+    c.optim = common.normalized_momentum(period=200 if paper else 20, accumulation_steps=5)   # N [M §2.4]
 
-    c.train = ml_collections.ConfigDict()
-    c.train.iterations = 20000 if paper else 40
-    c.train.checkpoint_every = 200 if paper else 10
-    c.train.keep_checkpoints = 2
-    c.train.val_every = 1000 if paper else 20
-    c.train.strategy = "off"                # off | mirrored | multi_worker | tpu
-    c.train.jit_compile = False
+    c.train = common.training_loop(iterations=20000 if paper else 40, checkpoint_every=200 if paper else 10,
+                                   val_every=1000 if paper else 20)
     c.train.tile_size = 64                  # largest output side of a tile, validation inference
     return c

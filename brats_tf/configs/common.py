@@ -1,0 +1,48 @@
+"""Config sections every trainer's presets share (the trainer loop, case selection, the
+[M] optimizer); each preset file adds its stage's model, data and loss fields."""
+
+import ml_collections
+
+
+def base_config(stage, preset):
+    c = ml_collections.ConfigDict()
+    c.stage = stage                         # which trainer (brats_tf/training.py TRAINERS)
+    c.preset = preset
+    c.seed = 0
+    c.deterministic = False   # tf.config.experimental.enable_op_determinism (disables XLA)
+    return c
+
+
+def case_selection(num_val_cases):
+    """`data` fields choosing the cases: the record set, train / validation ids, modalities."""
+    data = ml_collections.ConfigDict()
+    data.records_dir = ml_collections.FieldReference(None, field_type=str)
+    data.train_cases = ml_collections.FieldReference(None, field_type=list)  # None: all but val
+    data.val_cases = ml_collections.FieldReference(None, field_type=list)    # None: a few held out
+    data.num_val_cases = num_val_cases
+    data.modalities = ml_collections.FieldReference(None, field_type=list)   # None: the records'
+    return data
+
+
+def normalized_momentum(period, accumulation_steps):
+    """[M §2.4]: normalized-gradient momentum over N accumulated batches, plateau schedule."""
+    optim = ml_collections.ConfigDict()
+    optim.learning_rate = 0.25
+    optim.min_learning_rate = 0.001
+    optim.period = period
+    optim.decrease_ratio = 0.98
+    optim.momentum = 0.9
+    optim.accumulation_steps = accumulation_steps
+    optim.epsilon = 1e-8
+    return optim
+
+
+def training_loop(iterations, checkpoint_every, val_every):
+    train = ml_collections.ConfigDict()
+    train.iterations = iterations
+    train.checkpoint_every = checkpoint_every
+    train.keep_checkpoints = 2
+    train.val_every = val_every             # 0: validate only at the end
+    train.strategy = "off"                  # off | mirrored | multi_worker | tpu
+    train.jit_compile = False               # XLA: 11x slower on CPU here (KERAS3_NOTES)
+    return train
