@@ -35,8 +35,9 @@ def export_2d_models(records, workdir, iterations=0, train_cases=None, kind="une
     """Exported 2D models, one per orientation; `iterations=0` exports the freshly
     initialized network (enough where only the plumbing matters)."""
     paths = {}
-    for orientation in orientations:
+    for number, orientation in enumerate(orientations):
         config = get_config("small")
+        config.seed = number   # distinct networks: identical ones saved in the same second hash alike
         config.data.records_dir = str(records)
         config.data.orientation = orientation
         config.model.kind = kind
