@@ -16,13 +16,13 @@ import time
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import losses
+from brats_tf.training import losses
 from brats_tf.configs.train2d import get_config
 from brats_tf.models import unet2d
-from brats_tf.optim import NormalizedMomentum
+from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.preprocess import PreparedCase
 from brats_tf.records.slices import SliceSampler
-from brats_tf.training import build_train_step
+from brats_tf.training.loop import build_train_step
 
 
 def fake_cases(n, size, depth, channels=4, seed=0):

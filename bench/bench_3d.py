@@ -30,16 +30,20 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import losses, preprocess, segmentation, synthetic
-from brats_tf.features import FeatureExtractor
+from brats_tf.constants import ORIENTATIONS, TILE_SIZE_3D
+from brats_tf import preprocess
+from brats_tf.training import losses
+from brats_tf.inference import exported
+from brats_tf.inference import pipeline as segmentation
+from brats_tf.synthetic import generator as synthetic
+from brats_tf.inference.features import FeatureExtractor
 from brats_tf.io.cases import discover_cases, load_case
 from brats_tf.models import unet2d, unet3d
-from brats_tf.optim import NormalizedMomentum
+from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.records.patches import PatchSampler
-from brats_tf.training import build_train_step
+from brats_tf.training.loop import build_train_step
 
 REAL_CASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2023_glioma_case"
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 PREPROCESSING = {"normalization": "median", "median_scale": preprocess.DEFAULT_MEDIAN_SCALE,
                  "crop_margin": preprocess.DEFAULT_CROP_MARGIN, "modalities": ["t1", "t1c", "t2", "flair"]}
 
@@ -90,8 +94,8 @@ def export_3d(kind, preset, triple, folder):
     """A 2D-3D model whose model_info names its three 2D models by hash, as training does."""
     chain = {}
     for orientation, path in triple.items():
-        exported = segmentation.load_exported(path)
-        chain[orientation] = {"path": exported.path, "sha256": exported.sha256}
+        model = exported.load_exported(path)
+        chain[orientation] = {"path": model.path, "sha256": model.sha256}
     info = {"stage": "3d", "kind": kind, "preset": preset, "modalities": PREPROCESSING["modalities"],
             "num_features": 12, "preprocessing": PREPROCESSING, "features": {"models": chain}}
     return export(unet3d.build_3d_model(kind, 4, 12, preset), folder, info)
@@ -104,7 +108,7 @@ def bench_inference(case, preset_2d, preset_3d, tile_size, workdir, skip_ensembl
     triples = {kind: {o: export_2d(kind, o, preset_2d, Path(workdir) / f"{kind}_{o}") for o in ORIENTATIONS}
                for kind in ("model1", "model2")}
 
-    axial = segmentation.load_exported(triples["model1"]["axial"])
+    axial = exported.load_exported(triples["model1"]["axial"])
     first, warm = warm_and_time(lambda: segmentation.predict_2d(axial, prepared.image, 8))
     emit(bench="infer_2d", model="model1", preset=preset_2d, orientation="axial", batch_size=8,
          first_s=first, seconds=warm)
@@ -115,9 +119,9 @@ def bench_inference(case, preset_2d, preset_3d, tile_size, workdir, skip_ensembl
 
     features = extractor.extract(prepared.image).astype(np.float16)
     volume = np.concatenate([prepared.image.astype(np.float16), features], axis=-1)
-    model_a = segmentation.load_exported(export_3d("A", preset_3d, triples["model1"], Path(workdir) / "A_model1"))
+    model_a = exported.load_exported(export_3d("A", preset_3d, triples["model1"], Path(workdir) / "A_model1"))
     first, warm = warm_and_time(lambda: segmentation.predict_model(model_a, None, _Given(volume), 8, tile_size, {}))
-    tile = segmentation.inference.fitted_tile_size(prepared.box.shape, tile_size)
+    tile = segmentation.predict.fitted_tile_size(prepared.box.shape, tile_size)
     tiles = int(np.prod([-(-n // tile) for n in prepared.box.shape]))
     emit(bench="infer_3d", model="A", preset=preset_3d, largest_tile=tile_size, tile=tile, tiles=tiles,
          first_s=first, seconds=warm)
@@ -125,7 +129,7 @@ def bench_inference(case, preset_2d, preset_3d, tile_size, workdir, skip_ensembl
         return
     paths = [p for triple in triples.values() for p in triple.values()]
     paths += [export_3d(k, preset_3d, triples[f], Path(workdir) / f"{k}_{f}") for f in triples for k in "ABC"]
-    plan = segmentation.plan_models(paths)
+    plan = exported.plan_models(paths)
     out = Path(workdir) / "out"
     run = lambda: segmentation.segment_case(case, plan, out, tile_size=tile_size)
     first, warm = warm_and_time(run)
@@ -197,7 +201,7 @@ def bench_paper_step(batch_size):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="small", help="3D (and 2D) filter preset")
-    parser.add_argument("--tile_size", type=int, default=64)
+    parser.add_argument("--tile_size", type=int, default=TILE_SIZE_3D)
     parser.add_argument("--patch_sizes", default="54,70")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--skip_ensemble", action="store_true")

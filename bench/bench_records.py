@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 
-from brats_tf import synthetic
+from brats_tf.synthetic import generator as synthetic
 from brats_tf.records import reader
 from brats_tf.records.writer import build_records
 

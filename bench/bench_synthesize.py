@@ -23,7 +23,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
-from brats_tf import synthetic  # noqa: E402
+from brats_tf.synthetic import generator as synthetic  # noqa: E402
 
 
 def emit(**record):

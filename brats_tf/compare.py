@@ -10,9 +10,9 @@ Prints a markdown table; significant p-values (5%) are in bold.
 
 from absl import app, flags
 
-from brats_tf import stats
+from brats_tf.evaluation import stats
 from brats_tf.errors import run_main
-from brats_tf.metrics import METRICS
+from brats_tf.evaluation.metrics import METRICS
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("baseline", None, "Evaluation CSV of the baseline model.", required=True)

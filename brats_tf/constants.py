@@ -8,6 +8,9 @@ to the internal ones.
 # Canonical modality names, in the fixed order models expect them.
 MODALITIES = ("t1", "t1c", "t2", "flair")
 
+# Slice orientations of the 2D models, in the order their feature channels are stacked.
+ORIENTATIONS = ("axial", "coronal", "sagittal")
+
 # Internal label convention.
 NON_TUMOR, NCR_NET, EDEMA, ENHANCING = 0, 1, 2, 3
 NUM_CLASSES = 4
@@ -36,3 +39,7 @@ OUTPUT_LABEL_MAPS = {
 
 # BraTS convention for HD95 when exactly one of prediction/reference is empty.
 HD95_ONE_EMPTY_MM = 373.13
+
+# Largest output side of a 3D inference tile (its input: +44); the default of `segment`,
+# of the 3D trainer's validation and of the experiments (configs/experiments.py).
+TILE_SIZE_3D = 64

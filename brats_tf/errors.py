@@ -19,6 +19,12 @@ class ConfigError(Exception):
     """A flag or config value that cannot be used; the message says which and why."""
 
 
+def require_kind(kind, known, what):
+    """Refuses a model kind that a model family's table does not list, naming the known ones."""
+    if kind not in known:
+        raise ConfigError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(known)}")
+
+
 def run_main(main_fn):
     """Wraps an absl main so expected errors print one line and exit 1, no traceback."""
 

@@ -15,7 +15,7 @@ from absl import app, flags
 
 from brats_tf.constants import LABEL_MAPS
 from brats_tf.errors import run_main
-from brats_tf.metrics import run_evaluation
+from brats_tf.evaluation.evaluate import run_evaluation
 from brats_tf.io.cases import LAYOUT_CHOICES
 
 FLAGS = flags.FLAGS

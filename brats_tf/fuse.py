@@ -10,7 +10,7 @@ P_enh.nii.gz (fractions of models voting tumor, core among tumor, enhancing amon
 
 from absl import app, flags
 
-from brats_tf import ensemble
+from brats_tf.inference import ensemble
 from brats_tf.constants import LABEL_MAPS, OUTPUT_LABEL_MAPS
 from brats_tf.errors import run_main
 

@@ -14,8 +14,9 @@ segmenting models are fused by the hierarchical vote. Also writes
 
 from absl import app, flags
 
-from brats_tf import ensemble, segmentation
-from brats_tf.constants import OUTPUT_LABEL_MAPS
+from brats_tf.inference import ensemble
+from brats_tf.inference import pipeline
+from brats_tf.constants import OUTPUT_LABEL_MAPS, TILE_SIZE_3D
 from brats_tf.errors import run_main
 from brats_tf.io.cases import LAYOUT_CHOICES
 
@@ -23,7 +24,7 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("case_dir", None, "A case folder (or a folder of cases) in any supported layout.")
 flags.DEFINE_enum("layout", "auto", LAYOUT_CHOICES, "On-disk layout of --case_dir.")
 flags.DEFINE_string("layout_file", None, "Generic layout JSON for --case_dir (overrides --layout).")
-for _modality in segmentation.MODALITY_FLAGS:
+for _modality in pipeline.MODALITY_FLAGS:
     flags.DEFINE_string(_modality, None, f"{_modality} image file (instead of --case_dir).")
 flags.DEFINE_string("mask", None, "Optional brain-mask file for explicit modality files.")
 flags.DEFINE_string("case_id", None, "Case id for explicit files (default: from the file names).")
@@ -36,21 +37,19 @@ flags.DEFINE_list("thresholds", [str(t) for t in ensemble.DEFAULT_THRESHOLDS],
 flags.DEFINE_bool("save_probabilities", False, "Also write <case_id>_probabilities.nii.gz (4 classes).")
 flags.DEFINE_bool("save_proportions", False, "Also write the vote-proportion maps <case_id>_P_*.nii.gz.")
 flags.DEFINE_integer("batch_size", 8, "2D slices per forward pass.", lower_bound=1)
-flags.DEFINE_integer("tile_size", 64, "Largest side of the output block of one 3D tile (its input: +44); "
+flags.DEFINE_integer("tile_size", TILE_SIZE_3D, "Largest side of the output block of one 3D tile (its input: +44); "
                      "memory grows with its cube.", lower_bound=1)
 
 
 def main(argv):
     del argv
-    files = {m: getattr(FLAGS, m) for m in segmentation.MODALITY_FLAGS}
-    results = segmentation.segment(
+    files = {m: getattr(FLAGS, m) for m in pipeline.MODALITY_FLAGS}
+    pipeline.segment(   # prints "<case_id>: <label map>" as each case is written
         FLAGS.models, FLAGS.out_dir, case_dir=FLAGS.case_dir, files=files, layout=FLAGS.layout,
         layout_file=FLAGS.layout_file, case_id=FLAGS.case_id, mask=FLAGS.mask,
         label_convention=FLAGS.label_convention, thresholds=FLAGS.thresholds,
         save_probabilities=FLAGS.save_probabilities, save_proportions=FLAGS.save_proportions,
         batch_size=FLAGS.batch_size, tile_size=FLAGS.tile_size)
-    for case_id, written in results:
-        print(f"{case_id}: {written['seg']}")
 
 
 if __name__ == "__main__":

@@ -12,7 +12,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from brats_tf.errors import run_main
-from brats_tf.training import TrainingError, trainer_class
+from brats_tf.training.loop import TrainingError
+from brats_tf.training.registry import trainer_class
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "brats_tf/configs/train2d.py:small", "Config preset file:preset.",

@@ -21,7 +21,8 @@ import os
 
 from absl import app, flags
 
-from brats_tf import features
+from brats_tf.constants import ORIENTATIONS
+from brats_tf.inference import features
 from brats_tf.errors import ConfigError, run_main
 
 FLAGS = flags.FLAGS
@@ -47,7 +48,7 @@ def main(argv):
         print(f"prepared {len(folds)} fold work dirs in {FLAGS.fold_root}; train each "
               f"<fold>/<orientation> with brats_tf.train, then pass --fold_models={','.join(folds)}")
         return
-    folds = [{o: os.path.join(d, o) for o in features.ORIENTATIONS} for d in FLAGS.fold_models or []]
+    folds = [{o: os.path.join(d, o) for o in ORIENTATIONS} for d in FLAGS.fold_models or []]
     manifest = features.extract_features(
         FLAGS.records_dir, FLAGS.out_dir,
         {"axial": FLAGS.axial, "coronal": FLAGS.coronal, "sagittal": FLAGS.sagittal},

@@ -12,7 +12,7 @@ import sys
 
 from absl import app, flags
 
-from brats_tf import synthetic
+from brats_tf.synthetic import generator
 from brats_tf.errors import DataError, run_main
 from brats_tf.experiments import common
 from brats_tf.io.check import check_dataset
@@ -27,7 +27,7 @@ flags.DEFINE_string("shape", "96,96,72", "Matrix size of the phantoms (X,Y,Z).")
 def prepare_demo(workdir, num_cases, seed, shape):
     data_dir, records_dir = os.path.join(workdir, "data"), os.path.join(workdir, "records")
     print(f"[1/3] synthesizing {num_cases} phantoms ({shape}) in {data_dir}", flush=True)
-    synthetic.write_dataset(data_dir, num_cases, seed, shape=shape,
+    generator.write_dataset(data_dir, num_cases, seed, shape=shape,
                             preview=os.path.join(workdir, "phantom_preview.png"))
     print("[2/3] checking the dataset", flush=True)
     report = check_dataset(data_dir)

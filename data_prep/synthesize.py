@@ -15,7 +15,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from absl import app, flags  # noqa: E402
 
-from brats_tf import synthetic  # noqa: E402
+from brats_tf.synthetic import generator as synthetic  # noqa: E402
 from brats_tf.errors import ConfigError, run_main  # noqa: E402
 
 FLAGS = flags.FLAGS

@@ -5,11 +5,12 @@ import keras
 import numpy as np
 import pytest
 
-from brats_tf import baselines_inference
-from brats_tf.baselines_training import BaselineTrainer
+from brats_tf.inference import baselines as baselines_inference
+from brats_tf.training.baselines import BaselineTrainer
 from brats_tf.configs.baselines import PRESETS, get_config
 from brats_tf.errors import ConfigError
-from brats_tf.inference import predict_tiled_3d
+from brats_tf.io.labels import write_label_map
+from brats_tf.inference.predict import predict_tiled_3d
 from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights
 from brats_tf.records.reader import load_manifest
 from brats_tf.records.writer import build_records
@@ -82,7 +83,9 @@ def test_fcn_receptive_field_of_the_center_voxel():
                 index = [12, 12, 12]
                 index[axis] = p
                 batch[(p,) + tuple(index)] += step
-            changed |= np.abs(_out(model, batch)[:, 12, 12, 12] - reference).max(axis=-1) > 0
+            # A batch of 24 may take another oneDNN kernel than a batch of 1: float noise
+            # (~1e-8) is not dependence; a ±50 step inside the field changes outputs by > 0.05.
+            changed |= np.abs(_out(model, batch)[:, 12, 12, 12] - reference).max(axis=-1) > 1e-4
         np.testing.assert_array_equal(np.flatnonzero(changed), np.arange(9, 19), err_msg=f"axis {axis}")
 
 
@@ -236,7 +239,7 @@ def test_segment_pastes_the_prediction_into_the_original_grid(tmp_path):
     np.testing.assert_array_equal(labels, expected)
     # Written in the BraTS 2017 convention (internal 3 -> 4) with the input's geometry.
     labels[0, 0, 0] = 3
-    baselines_inference.write_segmentation(tmp_path / "out" / "Case_0_seg.nii.gz", labels, loaded.geometry)
+    write_label_map(tmp_path / "out" / "Case_0_seg.nii.gz", labels, loaded.geometry)
     written, geometry = load_volume(tmp_path / "out" / "Case_0_seg.nii.gz")
     assert written[0, 0, 0] == 4 and np.array_equal(written[1:] > 0, labels[1:] > 0)
     np.testing.assert_allclose(geometry.affine, loaded.geometry.affine)

@@ -8,7 +8,7 @@ import keras
 import numpy as np
 import pytest
 
-from brats_tf.baselines_training import BaselineTrainer
+from brats_tf.training.baselines import BaselineTrainer
 from brats_tf.configs.baselines import get_config
 from brats_tf.records.writer import build_records
 from tests.conftest import run_module, write_brats2017_case
@@ -104,10 +104,10 @@ def test_train_cli_dispatches_the_baseline_stage(records, tmp_path):
 def test_segment_runs_a_trained_baseline(records, tmp_path):
     """`segment` accepts a baseline work dir and writes a whole-tumor map in the input geometry."""
     import nibabel as nib
-    from brats_tf import segmentation
+    from brats_tf.inference import pipeline
     BaselineTrainer(_config(records, iterations=2), tmp_path / "bcn").run()
     case_dir = write_brats2017_case(tmp_path / "new", "New_case", shape=(24, 26, 20), seed=9)
-    segmentation.segment([str(tmp_path / "bcn")], tmp_path / "out", case_dir=str(case_dir))
+    pipeline.segment([str(tmp_path / "bcn")], tmp_path / "out", case_dir=str(case_dir))
     out = nib.load(tmp_path / "out" / "New_case_seg.nii.gz")
     reference = nib.load(case_dir / "New_case_flair.nii.gz")
     assert out.shape == reference.shape and np.allclose(out.affine, reference.affine)

@@ -66,7 +66,7 @@ def test_real_data_sources_pass():
 
 
 def test_synthesized_dataset_passes(tmp_path):
-    from brats_tf import synthetic
+    from brats_tf.synthetic import generator as synthetic
     synthetic.write_dataset(tmp_path / "phantoms", 3, seed=1, shape=(32, 32, 24), progress=False)
     result = run_module("data_prep.check_dataset", "--data_dir", tmp_path / "phantoms")
     assert result.returncode == 0, result.stdout + result.stderr

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from brats_tf import metrics, stats
+from brats_tf.evaluation import evaluate, metrics
+from brats_tf.evaluation import stats
 from brats_tf.errors import ConfigError
 from tests.conftest import run_module
 
@@ -15,7 +16,7 @@ def write_evaluation(path, dice_by_case):
         row = {"Label": case_id, **{c: 0.5 for c in metrics.COLUMNS}}
         row.update({"Dice_ET": dice, "Dice_TC": dice * 0.9, "Dice_WT": min(dice * 1.1, 1.0)})
         rows.append(row)
-    metrics.write_evaluation_csv(path, rows)      # per-case rows, then Mean/StdDev/... rows
+    evaluate.write_evaluation_csv(path, rows)      # per-case rows, then Mean/StdDev/... rows
     return path
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from brats_tf import ensemble
+from brats_tf.inference import ensemble
 from brats_tf.errors import ConfigError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from medpy.metric import binary as medpy
 
-from brats_tf import metrics
+from brats_tf.evaluation import evaluate
 from brats_tf.errors import ConfigError, DataError
 from tests.conftest import REPO, run_module, shared_data
 
@@ -43,7 +43,7 @@ def read_csv(path):
 
 def test_evaluates_a_folder_against_a_brats_dataset(tiny_dataset, predictions, tmp_path):
     out = tmp_path / "metrics.csv"
-    evaluation = metrics.run_evaluation(out, pred_dir=predictions, ref_dir=tiny_dataset, workers=1, progress=False)
+    evaluation = evaluate.run_evaluation(out, pred_dir=predictions, ref_dir=tiny_dataset, workers=1, progress=False)
     records = read_csv(out)
     assert ",".join(records[0]) == HEADER
     assert [r[0] for r in records[1:]] == ["Case_000", "Case_001", "Case_002",
@@ -68,8 +68,8 @@ def test_evaluates_a_folder_against_a_brats_dataset(tiny_dataset, predictions, t
 
 
 def test_parallel_workers_give_the_same_rows(tiny_dataset, predictions):
-    serial = metrics.evaluate_dirs(predictions, tiny_dataset, workers=1, progress=False)
-    parallel = metrics.evaluate_dirs(predictions, tiny_dataset, workers=2, progress=False)
+    serial = evaluate.evaluate_dirs(predictions, tiny_dataset, workers=1, progress=False)
+    parallel = evaluate.evaluate_dirs(predictions, tiny_dataset, workers=2, progress=False)
     assert serial.rows == parallel.rows and len(serial.rows) == 3
 
 
@@ -78,14 +78,14 @@ def test_unmatched_cases_are_reported_not_dropped(tiny_dataset, predictions, tmp
     (predictions / "Case_001.nii.gz").unlink()
     lines = []
     with pytest.raises(DataError, match=r"2 case\(s\) without a counterpart"):
-        metrics.run_evaluation(tmp_path / "m.csv", pred_dir=predictions, ref_dir=tiny_dataset, workers=1,
+        evaluate.run_evaluation(tmp_path / "m.csv", pred_dir=predictions, ref_dir=tiny_dataset, workers=1,
                                progress=False, log=lines.append)
     assert lines == [f"prediction without reference: Stray ({predictions / 'Stray_seg.nii.gz'})",
                      f"reference without prediction: Case_001 "
                      f"({tiny_dataset / 'Case_001' / 'Case_001_seg.nii.gz'})"]
     assert not (tmp_path / "m.csv").exists()
     lines.clear()
-    evaluation = metrics.run_evaluation(tmp_path / "m.csv", pred_dir=predictions, ref_dir=tiny_dataset,
+    evaluation = evaluate.run_evaluation(tmp_path / "m.csv", pred_dir=predictions, ref_dir=tiny_dataset,
                                         workers=1, progress=False, allow_missing=True, log=lines.append)
     assert [row["Label"] for row in evaluation.rows] == ["Case_000", "Case_002"] and len(lines) == 2
     assert [r[0] for r in read_csv(tmp_path / "m.csv")][1:3] == ["Case_000", "Case_002"]
@@ -98,12 +98,12 @@ def test_flat_reference_folder_and_label_conventions(tiny_dataset, predictions, 
         seg, affine = seg_of(tiny_dataset, case_id)
         seg_2023 = np.where(seg == 4, 3, seg).astype(np.uint8)         # BraTS 2023: enhancing is 3
         nib.save(nib.Nifti1Image(seg_2023, affine), flat / f"{case_id}.nii.gz")
-    flat_eval = metrics.evaluate_dirs(predictions, flat, layout="flat", ref_convention="brats2023",
+    flat_eval = evaluate.evaluate_dirs(predictions, flat, layout="flat", ref_convention="brats2023",
                                       workers=1, progress=False)
-    dataset_eval = metrics.evaluate_dirs(predictions, tiny_dataset, workers=1, progress=False)
+    dataset_eval = evaluate.evaluate_dirs(predictions, tiny_dataset, workers=1, progress=False)
     assert flat_eval.rows == dataset_eval.rows
     with pytest.raises(DataError, match=r"Case_000.nii.gz: unknown label values \[3\]"):
-        metrics.evaluate_dirs(predictions, flat, layout="flat", workers=1, progress=False)   # read as 2017
+        evaluate.evaluate_dirs(predictions, flat, layout="flat", workers=1, progress=False)   # read as 2017
 
 
 def test_grid_mismatch_is_a_data_error_naming_the_prediction(tiny_dataset, predictions):
@@ -112,20 +112,20 @@ def test_grid_mismatch_is_a_data_error_naming_the_prediction(tiny_dataset, predi
     for workers in (1, 2):       # the error also crosses the process pool intact
         with pytest.raises(DataError, match=r"pred/Case_002_seg.nii.gz: shape \(23, 26, 20\) differs "
                                             r"from reference Case_002_seg.nii.gz \(24, 26, 20\)"):
-            metrics.evaluate_dirs(predictions, tiny_dataset, workers=workers, progress=False)
+            evaluate.evaluate_dirs(predictions, tiny_dataset, workers=workers, progress=False)
 
 
 def test_files_or_folders_not_both(tiny_dataset, predictions, tmp_path):
     for kwargs in ({"pred": predictions / "Case_001.nii.gz"}, {"pred_dir": predictions},
                    {"pred": predictions / "Case_001.nii.gz", "ref": tiny_dataset, "pred_dir": predictions}):
         with pytest.raises(ConfigError, match="either --pred and --ref, or --pred_dir and --ref_dir"):
-            metrics.run_evaluation(tmp_path / "m.csv", **kwargs)
+            evaluate.run_evaluation(tmp_path / "m.csv", **kwargs)
 
 
 def test_duplicate_prediction_names_are_refused(tiny_dataset, predictions):
     shutil.copy(predictions / "Case_000_seg.nii.gz", predictions / "Case_000.nii.gz")
     with pytest.raises(DataError, match="second file for case Case_000"):
-        metrics.find_predictions(predictions)
+        evaluate.find_predictions(predictions)
 
 
 def test_cli_folder_and_single_file_modes(tiny_dataset, predictions, tmp_path):

@@ -10,56 +10,94 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import experiments, synthetic
-from brats_tf import features as features_lib
+from brats_tf import experiments
+from brats_tf.synthetic import generator as synthetic
+from brats_tf.inference import features as features_lib
 from brats_tf.configs import train3d
+from brats_tf.configs.experiments import get_config
 from brats_tf.errors import ConfigError
+from brats_tf.experiments import common
 from brats_tf.experiments import mlynarski as M
 from brats_tf.io.cases import discover_cases
-from brats_tf.metrics import read_evaluation_csv
-
-TINY = M.Scale("tiny", "small", 8, (48, 48, 40), 0.3, 1, 3, 2, 2,
-               set_2d=(("train.val_every", 0), ("train.checkpoint_every", 2)),
-               set_3d=(("model.levels", (2, 2, 2)), ("model.final", 2), ("model.input_size", 46),
-                       ("optim.accumulation_steps", 1), ("train.val_every", 0), ("train.checkpoint_every", 1)))
-
+from brats_tf.evaluation.evaluate import read_evaluation_csv
 
 def _args(workdir, **kw):
-    values = dict(scale=TINY, workdir=str(workdir), data_dir=None, layout="auto", layout_file=None, test_dir=None,
-                  seed=0, strategy="off", config_2d=[], config_3d=[])
+    values = dict(scale="tiny", config=None, workdir=str(workdir), data_dir=None, layout="auto", layout_file=None,
+                  test_dir=None, seed=0, strategy="off", config_2d=[], config_3d=[])
     values.update(kw)
     return SimpleNamespace(**values)
 
 
 def test_split_is_seeded_over_sorted_ids_and_keeps_two_training_cases():
     ids = [f"c{i:03d}" for i in range(285)]
-    split = M.split_case_ids(ids[::-1], M.SCALES["paper"], seed=1)
+    paper, demo = get_config("paper"), get_config("demo")
+    split = M.split_case_ids(ids[::-1], paper, seed=1)
     assert (len(split["test"]), len(split["val"]), len(split["train"])) == (50, 5, 230)
     assert sorted(sum(split.values(), [])) == ids and all(v == sorted(v) for v in split.values())
-    assert split == M.split_case_ids(ids, M.SCALES["paper"], seed=1) != M.split_case_ids(ids, M.SCALES["paper"], 2)
-    three = M.split_case_ids(["a", "b", "c"], M.SCALES["demo"], seed=0)
+    assert split == M.split_case_ids(ids, paper, seed=1) != M.split_case_ids(ids, paper, 2)
+    three = M.split_case_ids(["a", "b", "c"], demo, seed=0)
     assert (len(three["test"]), len(three["val"]), len(three["train"])) == (1, 0, 2)
-    external = M.split_case_ids(ids[:20], M.SCALES["demo"], seed=0, external_test=True)
+    external = M.split_case_ids(ids[:20], demo, seed=0, external_test=True)
     assert external["test"] == [] and len(external["train"]) == 18
     with pytest.raises(ConfigError, match="too few"):
-        M.split_case_ids(["a"], M.SCALES["demo"], seed=0)
+        M.split_case_ids(["a"], demo, seed=0)
 
 
 def test_subsets_deal_the_training_cases_evenly():
-    split = M.split_case_ids([f"c{i:02d}" for i in range(20)], M.SCALES["demo"], seed=0, subsets=5)
+    split = M.split_case_ids([f"c{i:02d}" for i in range(20)], get_config("demo"), seed=0, subsets=5)
     sizes = sorted(len(s) for s in split["subsets"])
     assert sizes[-1] - sizes[0] <= 1 and sum(sizes) == len(split["train"])
     assert sorted(sum(split["subsets"], [])) == split["train"]
 
 
 def test_config_overrides_are_parsed_and_unknown_keys_refused():
-    c = train3d.get_config("small")
-    M.set_config(c, "model.levels", M.parse_value("(4, 6, 8)"))
-    M.set_config(c, "optim.accumulation_steps", M.parse_value("2"))
-    M.set_config(c, "train.strategy", M.parse_value("mirrored"))
+    # The old spelling (--config_3d KEY=VALUE, Python literals), applied last to a model's config.
+    overrides = ["model.levels=(4, 6, 8)", "optim.accumulation_steps=2", "train.strategy=mirrored"]
+    c = common.old_overrides(train3d.get_config("small"), _args(None, config_3d=overrides), "3d")
     assert c.model.levels == (4, 6, 8) and c.optim.accumulation_steps == 2 and c.train.strategy == "mirrored"
     with pytest.raises(ConfigError, match="no 'model.widths'"):
-        M.set_config(c, "model.widths", 3)
+        common.old_overrides(c, _args(None, config_3d=["model.widths=3"]), "3d")
+    with pytest.raises(ConfigError, match=r"--config.threed.model.widths=3\): the config has no 'model.widths'"):
+        common.experiment_config(_args(None, config_3d=["model.widths=3"]))   # refused before any work
+
+
+def _model_configs(args):
+    """The resolved configs of 2D model 2 coronal, 2D-3D model B (model 1 features) and a
+    pretrained subnetwork for a run with `args`, on a fixed split."""
+    run = M.Run(args, "demo", ("x",))
+    split = {"train": ["c1", "c2", "c3"], "val": ["c4"], "test": ["c0"]}
+    data = M.Data("D", "auto", None, "R", {}, split, "D", "auto", None)
+    dirs = {f"2d_model1_{o}": f"m/{o}" for o in M.ORIENTATIONS}
+    return (run.config_2d(M.twod("model2", "coronal"), data), run.config_3d(M.twod3d("B", "model1"), data,
+                                                                             {"model1": "F"}, dirs),
+            run.config_2d(M.twod("model1"), data, iterations=run.scale.pretrain_iterations, subnetwork="t2"))
+
+
+def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
+    two, three, sub = _model_configs(_args(tmp_path, scale="demo", seed=3))
+    assert (two.model.kind, two.data.orientation, two.seed, two.data.records_dir) == ("model2", "coronal", 3, "R")
+    assert (two.data.train_cases, two.data.val_cases, two.train.iterations) == (["c1", "c2", "c3"], ["c4"], 90)
+    assert two.optim.learning_rate == 0.1 and three.model.input_size == 54 and three.train.iterations == 45
+    assert (three.model.kind, three.features.dir, three.features.kind) == ("B", "F", "model1")
+    assert three.features.models == "m/axial,m/coronal,m/sagittal"
+    assert (sub.train.iterations, sub.train.subnetwork, sub.model.kind) == (40, "t2", "model1")
+    # --config.x overrides (the scale's config) reach every model; the run's own fields stay its own.
+    config = get_config("demo")
+    config.twod.train.iterations, config.twod.model.kind, config.threed.model.input_size = 30, "unet_axial", 70
+    config.pretrain_iterations = 7
+    two, three, sub = _model_configs(_args(tmp_path, config=config, strategy="mirrored"))
+    assert (two.train.iterations, two.model.kind, three.model.input_size, sub.train.iterations) == (30, "model2", 70, 7)
+    assert two.train.strategy == three.train.strategy == "mirrored"      # --strategy on every model
+    config.threed.train.strategy = "tpu"                                   # ... unless the config sets one
+    assert _model_configs(_args(tmp_path, config=config, strategy="mirrored"))[1].train.strategy == "tpu"
+    # The old spelling keeps working, applied last to each model's config as before.
+    two, three, sub = _model_configs(_args(tmp_path, scale="demo", config_2d=["train.iterations=30"],
+                                           config_3d=["model.input_size=70", "model.levels=(4, 6, 8)"]))
+    assert (two.train.iterations, sub.train.iterations, three.model.input_size) == (30, 30, 70)
+    assert three.model.levels == (4, 6, 8)
+    assert "2D settings {'optim.learning_rate': 0.1" in M.Run(_args(tmp_path, scale="demo"), "demo", ("x",)) \
+        ._settings_note(M.Data("D", "auto", None, "R", {"cases": [], "modalities": ["t1"], "normalization": "median"},
+                               {"train": [], "val": [], "test": []}, "D", "auto", None))
 
 
 def test_missing_sequence_copy_links_every_file_but_the_dropped_ones(tmp_path):
@@ -123,9 +161,10 @@ def test_demo_end_to_end_then_a_rerun_skips_and_a_lost_export_resumes(tmp_path, 
 
 @pytest.mark.slow
 def test_table2_missing_pretrains_subnetworks_on_cases_having_their_sequence(tmp_path):
-    scale = M.Scale("tiny", "small", 10, (40, 40, 32), 0.2, 1, 2, 0, 2,
-                    set_2d=(("train.val_every", 0), ("train.checkpoint_every", 2)))
-    report = experiments.run("table2_missing", _args(tmp_path, scale=scale))
+    config = get_config("tiny")
+    config.num_cases, config.shape, config.test_fraction, config.num_val = 10, (40, 40, 32), 0.2, 1
+    config.twod.train.iterations, config.threed.train.iterations, config.pretrain_iterations = 2, 0, 2
+    report = experiments.run("table2_missing", _args(tmp_path, config=config))
     text = open(report).read()
     for row in ("2D model 1, missing data", "2D model 1, missing data + pretrained subnetworks",
                 "2D model 1, full data", "2D vs 2D with pretrained subnetworks, missing data"):

@@ -10,16 +10,13 @@ import numpy as np
 import pytest
 
 from brats_tf import experiments
-from brats_tf.experiments.shen import ABLATION, SCALES, Scale, split_case_ids
-from brats_tf.metrics import read_evaluation_csv
-
-TINY = Scale("demo", {"a": 5, "b": 4}, {"a": (40, 40, 32), "b": (28, 28, 16)}, 0.4, 1, 2,
-             {"bcn": 2, "fcn": 2, "fifcn": 2}, 2)
-
+from brats_tf.configs.experiments import get_config
+from brats_tf.experiments.shen import ABLATION, split_case_ids
+from brats_tf.evaluation.evaluate import read_evaluation_csv
 
 def _args(workdir, **kw):
-    return SimpleNamespace(scale=TINY, workdir=str(workdir), data_dir=None, layout="auto", layout_file=None,
-                           target_data_dir=None, seed=0, **kw)
+    return SimpleNamespace(scale="tiny", config=None, workdir=str(workdir), data_dir=None, layout="auto",
+                           layout_file=None, target_data_dir=None, seed=0, **kw)
 
 
 def _table_rows(report):
@@ -28,7 +25,7 @@ def _table_rows(report):
 
 def test_splits_are_seeded_disjoint_and_sized_like_the_paper():
     ids = [f"c{i:02d}" for i in range(57)]
-    paper = SCALES["paper"]
+    paper = get_config("paper").shen
     b = split_case_ids(ids, "b", paper, seed=3)
     assert len(b["train"]) == 11 and len(b["val"]) == 5 and len(b["test"]) == 41
     a = split_case_ids([f"c{i:03d}" for i in range(222)], "a", paper, seed=3)

@@ -11,16 +11,17 @@ import keras
 import numpy as np
 import pytest
 
-from brats_tf import features
+from brats_tf.constants import ORIENTATIONS
+from brats_tf.inference import features
 from brats_tf.configs.train2d import get_config
 from brats_tf.errors import ConfigError, DataError
+from brats_tf.io import splits
 from brats_tf.models import unet2d
 from brats_tf.records import reader
 from brats_tf.records.writer import build_records
-from brats_tf.trainer2d import Trainer2D
+from brats_tf.training.stage2d import Trainer2D
 from tests.conftest import run_module, write_brats2017_case
 
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 
 
 def make_records(root, num_cases=4, shape=(24, 26, 20), **build_kwargs):
@@ -156,7 +157,7 @@ def test_cross_fold_features_come_from_models_that_did_not_see_the_case(setup):
     assert main_train == {"Case_0", "Case_1", "Case_2"}
     fold_dirs = features.write_fold_splits(models["axial"], root / "folds", 2)
     fold_lists = [json.loads(open(f"{d}/coronal/split.json").read())["train"] for d in fold_dirs]
-    assert fold_lists == features.fold_train_cases(sorted(main_train), 2, seed=0)
+    assert fold_lists == splits.fold_train_cases(sorted(main_train), 2, seed=0)
     assert all(set(f) < main_train for f in fold_lists) and set().union(*fold_lists) == main_train
     # Stand-ins for the trained fold models: distinct networks in those work dirs.
     folds = [handmade_2d_models(models, root / f"fold{i}", cases, seed=10 + i) for i, cases in enumerate(fold_lists)]

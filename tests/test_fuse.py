@@ -4,7 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import ensemble
+from brats_tf.inference import ensemble
 from brats_tf.errors import DataError
 from tests.conftest import run_module, shared_data
 

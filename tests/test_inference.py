@@ -4,7 +4,7 @@ import keras
 import numpy as np
 import pytest
 
-from brats_tf import inference
+from brats_tf.inference import predict
 
 
 def _identity_3d(input_size, output_size, channels):
@@ -19,7 +19,7 @@ def _identity_3d(input_size, output_size, channels):
 def test_tiled_3d_reproduces_the_volume(input_size, output_size):
     volume = np.random.default_rng(0).normal(size=(13, 9, 10, 2)).astype(np.float32)
     model = _identity_3d(input_size, output_size, 2)
-    out = inference.predict_tiled_3d(model, volume, input_size, output_size, batch_size=3)
+    out = predict.predict_tiled_3d(model, volume, input_size, output_size, batch_size=3)
     np.testing.assert_allclose(out, volume, rtol=1e-6)
 
 
@@ -28,5 +28,5 @@ def test_slicewise_2d_reproduces_the_volume(orientation):
     volume = np.random.default_rng(1).normal(size=(10, 12, 7, 3)).astype(np.float32)
     x = keras.Input((None, None, 3))
     model = keras.Model(x, keras.layers.Identity()(x))
-    out = inference.predict_2d_logits(model, volume, orientation, multiple=8, batch_size=4)
+    out = predict.predict_2d_logits(model, volume, orientation, multiple=8, batch_size=4)
     np.testing.assert_allclose(out, volume, rtol=1e-6)

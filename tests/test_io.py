@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from brats_tf.errors import DataError
-from brats_tf.io.cases import discover_cases, load_case, map_labels
-from brats_tf.io.nifti import atomic_write, load_volume, save_volume
+from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io.labels import map_labels
+from brats_tf.io.files import atomic_write
+from brats_tf.io.nifti import load_volume, save_volume
 from tests.conftest import REPO, shared_data, tiny_volumes, write_brats2017_case
 
 

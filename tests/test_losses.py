@@ -39,7 +39,7 @@ def sample(shape, classes=(0, 1, 2, 3), seed=0):
 
 
 def wce(target_weights=T2D):
-    from brats_tf.losses import weighted_cross_entropy
+    from brats_tf.training.losses import weighted_cross_entropy
     return weighted_cross_entropy(target_weights)
 
 
@@ -88,7 +88,7 @@ def test_gradient_is_voxel_weight_times_softmax_minus_onehot():
 
 
 def test_per_example_values_reduce_to_the_batch_loss():
-    from brats_tf.losses import WeightedCrossEntropy
+    from brats_tf.training.losses import WeightedCrossEntropy
     labels, logits = sample((3, 4, 4), seed=5)
     per_example = np.asarray(WeightedCrossEntropy(T2D, reduction=None)(labels, logits))
     assert per_example.shape == (3,)
@@ -97,7 +97,7 @@ def test_per_example_values_reduce_to_the_batch_loss():
 
 
 def test_deep_supervision_weights_and_total():
-    from brats_tf.losses import deep_supervision_loss, deep_supervision_weights
+    from brats_tf.training.losses import deep_supervision_loss, deep_supervision_weights
     names4 = ["main", "aux_t1", "aux_t1c", "aux_t2", "aux_flair", "aux_all"]
     weights = deep_supervision_weights(names4)
     assert weights["main"] == 0.75
@@ -136,7 +136,7 @@ def np_soft_dice(labels, logits, include_background=False, smooth=1.0):
 
 @pytest.mark.parametrize("include_background", [False, True])
 def test_soft_dice_multiclass_matches_numpy(include_background):
-    from brats_tf.losses import SoftDiceLoss
+    from brats_tf.training.losses import SoftDiceLoss
     labels, logits = sample((2, 3, 4, 5), classes=(0, 1, 3), seed=7)  # class 2 absent
     loss = SoftDiceLoss(include_background=include_background)
     np.testing.assert_allclose(float(loss(labels, logits)),
@@ -144,7 +144,7 @@ def test_soft_dice_multiclass_matches_numpy(include_background):
 
 
 def test_soft_dice_binary_matches_numpy_and_is_zero_when_perfect():
-    from brats_tf.losses import SoftDiceLoss
+    from brats_tf.training.losses import SoftDiceLoss
     rng = np.random.default_rng(8)
     labels = rng.integers(0, 2, size=(2, 6, 6)).astype(np.int32)
     logits = rng.normal(size=(2, 6, 6, 1)).astype(np.float32)
@@ -201,8 +201,8 @@ def _mirrored_fit_losses(strategy):
     """Iteration losses seen by PlateauHalvingCallback in a mirrored fit (N=2), and
     their float64 reference; a 1e-12 learning rate keeps the weights fixed."""
     import keras
-    from brats_tf.optim import NormalizedMomentum
-    from brats_tf.schedules import PlateauHalving, PlateauHalvingCallback
+    from brats_tf.training.optim import NormalizedMomentum
+    from brats_tf.training.schedules import PlateauHalving, PlateauHalvingCallback
     with strategy.scope():
         image = keras.Input((None, None, 2))
         model = keras.Model(image, keras.layers.Conv2D(4, 1)(image))

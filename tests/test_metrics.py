@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from medpy.metric import binary as medpy
 
-from brats_tf import metrics
+from brats_tf.evaluation import evaluate, metrics
 from brats_tf.constants import HD95_ONE_EMPTY_MM
 from brats_tf.errors import DataError
 
@@ -111,7 +111,7 @@ def test_column_order_is_the_brats_csv_header():
 
 def read_peers(count):
     from brats_tf.constants import LABEL_MAPS
-    from brats_tf.io.cases import map_labels
+    from brats_tf.io.labels import map_labels
     from brats_tf.io.nifti import load_volume
     paths = sorted(PEERS.glob("*.nii.gz"))[:count]
     return [map_labels(load_volume(p)[0], LABEL_MAPS["brats2017"], p) for p in paths]
@@ -160,12 +160,12 @@ def test_case_metrics_match_medpy_on_full_real_volumes():
 
 def test_summary_rows_hand_computed():
     rows = [{"Label": f"c{i}", "Dice_ET": v} for i, v in enumerate([4.0, 1.0, 3.0, 2.0])]
-    summary = {row["Label"]: row["Dice_ET"] for row in metrics.summary_rows(rows, ["Dice_ET"])}
+    summary = {row["Label"]: row["Dice_ET"] for row in evaluate.summary_rows(rows, ["Dice_ET"])}
     assert summary["Mean"] == 2.5
     assert summary["StdDev"] == pytest.approx(math.sqrt(5 / 3))     # sample std (ddof=1)
     assert summary["Median"] == 2.5
     assert summary["25quantile"] == 1.75 and summary["75quantile"] == 3.25
-    single = metrics.summary_rows(rows[:1], ["Dice_ET"])
+    single = evaluate.summary_rows(rows[:1], ["Dice_ET"])
     assert math.isnan(single[1]["Dice_ET"]) and single[0]["Dice_ET"] == 4.0
 
 
@@ -174,11 +174,11 @@ def test_evaluation_csv_round_trip(tmp_path):
     rows = [{"Label": f"case_{i:03d}", **{c: float(rng.uniform(0, 1)) for c in metrics.COLUMNS}}
             for i in range(5)]
     path = tmp_path / "eval.csv"
-    metrics.write_evaluation_csv(path, rows)
+    evaluate.write_evaluation_csv(path, rows)
     lines = path.read_text().splitlines()
     assert lines[0] == ",".join(("Label",) + metrics.COLUMNS)
-    assert [line.split(",")[0] for line in lines[1:]] == [r["Label"] for r in rows] + list(metrics.SUMMARY_LABELS)
-    back, summary = metrics.read_evaluation_csv(path)
+    assert [line.split(",")[0] for line in lines[1:]] == [r["Label"] for r in rows] + list(evaluate.SUMMARY_LABELS)
+    back, summary = evaluate.read_evaluation_csv(path)
     assert [r["Label"] for r in back] == [r["Label"] for r in rows]
     for original, read in zip(rows, back):
         for column in metrics.COLUMNS:
@@ -198,5 +198,5 @@ def test_bad_evaluation_csvs_are_data_errors(tmp_path, text, message):
     path = tmp_path / "bad.csv"
     path.write_text(text)
     with pytest.raises(DataError, match=message) as err:
-        metrics.read_evaluation_csv(path)
+        evaluate.read_evaluation_csv(path)
     assert str(path) in str(err.value)

@@ -73,7 +73,7 @@ def build_model():
 
 
 def make_optimizer(lr=LR):
-    from brats_tf.optim import NormalizedMomentum
+    from brats_tf.training.optim import NormalizedMomentum
     return NormalizedMomentum(learning_rate=lr, momentum=MU, accumulation_steps=N, epsilon=EPS)
 
 
@@ -177,7 +177,7 @@ def test_save_load_mid_accumulation_resumes_exactly(tmp_path):
 
 def test_rejects_options_that_change_the_algorithm():
     import pytest
-    from brats_tf.optim import NormalizedMomentum
+    from brats_tf.training.optim import NormalizedMomentum
     with pytest.raises(ValueError):
         NormalizedMomentum(gradient_accumulation_steps=4)
     with pytest.raises(ValueError):

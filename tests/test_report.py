@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from brats_tf import report
+from brats_tf.report import markdown
 from brats_tf.errors import DataError
-from brats_tf.metrics import COLUMNS, write_evaluation_csv
+from brats_tf.evaluation.metrics import COLUMNS
+from brats_tf.evaluation.evaluate import write_evaluation_csv
 
 MODELS = ["Standard 3D model", "2D-3D model A", "Ensemble"]
 IDS = [f"case_{i:02d}" for i in range(8)]
@@ -75,19 +76,19 @@ def built_report(tmp_path_factory):
     values = dice_values()
     paths = write_evaluations(tmp_path, values)
     image = labels_volume().astype(np.float32) * 40 + 100
-    overlays = [report.Overlay("case_00", image, labels_volume(),
+    overlays = [markdown.Overlay("case_00", image, labels_volume(),
                                {"Standard 3D model": labels_volume(3), "Ensemble": labels_volume(1)})]
     rng = np.random.default_rng(2)
     features = rng.normal(size=(40, 36, 16, 12)).astype(np.float16)
     features[..., 7] += 4 * (labels_volume() == 2)
     np.save(tmp_path / "features.npy", features)
-    report_path = report.write_report(
+    report_path = markdown.write_report(
         tmp_path / "report", paths,
         comparisons=[("Standard 3D vs 2D-3D", "Standard 3D model", "2D-3D model A"),
                      ("2D-3D vs ensemble", "2D-3D model A", "Ensemble")],
         training_logs={"2D model 1 axial": write_training_log(tmp_path / "log.csv")},
         overlays=overlays,
-        feature_maps=[report.FeatureMaps("case_00", tmp_path / "features.npy", image=image)],
+        feature_maps=[markdown.FeatureMaps("case_00", tmp_path / "features.npy", image=image)],
         title="Synthetic run")
     return report_path, values
 
@@ -139,7 +140,7 @@ def test_report_without_optional_parts_and_with_rows(tmp_path):
     values = dice_values(3)
     rows = {m: [{"Label": cid, "Dice_ET": d[0], "Dice_TC": d[1], "Dice_WT": d[2]} for cid, d in zip(IDS, v)]
             for m, v in values.items()}
-    path = report.write_report(tmp_path, rows, final_model="Standard 3D model")
+    path = markdown.write_report(tmp_path, rows, final_model="Standard 3D model")
     text = open(path).read()
     assert "Table 4" not in text and "Fig. 8" not in text and "Distribution of Dice scores: Standard 3D" in text
     assert (tmp_path / "dice_boxplots.png").stat().st_size > 10_000
@@ -148,23 +149,23 @@ def test_report_without_optional_parts_and_with_rows(tmp_path):
 def test_comparisons_and_overlays_must_name_the_same_models(tmp_path):
     rows = {"A": [{"Label": "x", "Dice_ET": 1.0, "Dice_TC": 1.0, "Dice_WT": 1.0}]}
     with pytest.raises(ValueError, match="'B', which has no evaluation"):
-        report.write_report(tmp_path, rows, comparisons=[("A vs B", "A", "B")])
+        markdown.write_report(tmp_path, rows, comparisons=[("A vs B", "A", "B")])
     image = np.zeros((8, 8, 4), np.float32)
-    overlays = [report.Overlay("x", image, None, {"A": labels_volume()[:8, :8, :4]}),
-                report.Overlay("y", image, None, {"B": labels_volume()[:8, :8, :4]})]
+    overlays = [markdown.Overlay("x", image, None, {"A": labels_volume()[:8, :8, :4]}),
+                markdown.Overlay("y", image, None, {"B": labels_volume()[:8, :8, :4]})]
     with pytest.raises(ValueError, match=r"overlay y has models \['B'\]; every case needs \['A'\]"):
-        report.write_report(tmp_path, rows, overlays=overlays)
+        markdown.write_report(tmp_path, rows, overlays=overlays)
 
 
 def test_training_logs_as_the_trainer_writes_them(tmp_path):
-    log = report.read_training_log(write_training_log(tmp_path / "log.csv"))
+    log = markdown.read_training_log(write_training_log(tmp_path / "log.csv"))
     assert log["iteration"][0] == 1 and len(log["loss"]) == 300
     assert np.isnan(log["val_dice_edema"][0]) and log["val_dice_edema"][49] == pytest.approx(0.8 * 50 / 300)
     minimal = tmp_path / "minimal.csv"
     minimal.write_text("iteration,loss\n1,0.9\n2,0.8\n3,\n")
-    log = report.read_training_log(minimal)
+    log = markdown.read_training_log(minimal)
     assert np.isnan(log["loss"][2])
-    from brats_tf import report_figures
+    from brats_tf.report import figures as report_figures
     report_figures.training_curves(log, tmp_path / "minimal.png", "minimal")   # loss only: one panel
     assert (tmp_path / "minimal.png").stat().st_size > 5_000
     for text, message in (("step,loss\n1,2\n", "'iteration'"), ("iteration,loss\n1,abc\n", "not a number"),
@@ -172,4 +173,4 @@ def test_training_logs_as_the_trainer_writes_them(tmp_path):
         bad = tmp_path / "bad.csv"
         bad.write_text(text)
         with pytest.raises(DataError, match=message):
-            report.read_training_log(bad)
+            markdown.read_training_log(bad)

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from brats_tf.schedules import PlateauHalving, PlateauHalvingCallback
+from brats_tf.training.schedules import PlateauHalving, PlateauHalvingCallback
 
 
 def feed(schedule, losses):
@@ -83,7 +83,7 @@ N = 2
 
 def _model_and_data(weights_seed=0):
     import keras
-    from brats_tf.optim import NormalizedMomentum
+    from brats_tf.training.optim import NormalizedMomentum
     rng = np.random.default_rng(weights_seed)
     x = rng.normal(size=(8 * N * 3, 3)).astype(np.float32)
     scale = np.repeat(np.arange(1, 3 * N + 1), 8)[:, None].astype(np.float32)

@@ -9,12 +9,14 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import ensemble, features, segmentation
+from brats_tf.inference import ensemble
+from brats_tf.inference import exported, features
+from brats_tf.inference import pipeline
 from brats_tf.configs import train3d
 from brats_tf.constants import LABEL_MAPS
 from brats_tf.errors import DataError
-from brats_tf.io.cases import map_labels
-from brats_tf.trainer3d import Trainer3D
+from brats_tf.io.labels import map_labels
+from brats_tf.training.stage3d import Trainer3D
 from tests.conftest import REPO, run_module, shared_data, write_brats2017_case
 from tests.test_features import export_2d_models, handmade_2d_models, make_records
 
@@ -74,7 +76,7 @@ def test_chain_segments_a_held_out_case_in_its_geometry(models, tmp_path):
     affine = np.array([[0, -1.0, 0, 10], [1.5, 0, 0, -20], [0, 0, 2.0, 5], [0, 0, 0, 1]])
     case_dir = write_brats2017_case(tmp_path / "new", "Held_out", shape=(26, 24, 22), seed=7, affine=affine)
     chain = [models["axial"], models["coronal"], models["sagittal"], models["A"]]
-    [(case_id, written)] = segmentation.segment(chain, tmp_path / "out", case_dir=case_dir, verbose=False,
+    [(case_id, written)] = pipeline.segment(chain, tmp_path / "out", case_dir=case_dir, verbose=False,
                                                 save_probabilities=True, save_proportions=True, tile_size=16)
     assert case_id == "Held_out" and written["seg"] == str(tmp_path / "out" / "Held_out_seg.nii.gz")
     seg = _check_geometry(written["seg"], case_dir / "Held_out_t1.nii.gz")
@@ -91,25 +93,25 @@ def test_chain_segments_a_held_out_case_in_its_geometry(models, tmp_path):
 
 def test_chain_recomputes_the_stored_training_features(models):
     """Prepared as model_info.json says, a records case gives back its stored features."""
-    plan = segmentation.plan_models([models["A"], models["axial"], models["coronal"], models["sagittal"]])
+    plan = exported.plan_models([models["A"], models["axial"], models["coronal"], models["sagittal"]])
     assert [m.info["kind"] for m in plan.final] == ["A"] and set(plan.chains[0]) == {"axial", "coronal", "sagittal"}
-    case = segmentation.cases_from_dir(models["data"] / "Case_2")[0]
-    recomputed = segmentation.chain_features(plan.chains[0], segmentation.PreparedInputs(case), 8, {})
+    case = pipeline.cases_from_dir(models["data"] / "Case_2")[0]
+    recomputed = pipeline.chain_features(plan.chains[0], pipeline.PreparedInputs(case), 8, {})
     stored = np.load(models["features"] / "Case_2.npy")
     np.testing.assert_allclose(recomputed.astype(np.float32), stored.astype(np.float32), rtol=1e-2, atol=1e-2)
 
 
 def test_several_3d_models_are_fused_by_the_vote(models, tmp_path):
-    case = segmentation.cases_from_dir(models["data"] / "Case_3")[0]
-    plan = segmentation.plan_models([models["A"], models["standard"], models["axial"], models["coronal"],
+    case = pipeline.cases_from_dir(models["data"] / "Case_3")[0]
+    plan = exported.plan_models([models["A"], models["standard"], models["axial"], models["coronal"],
                                      models["sagittal"]])
     assert [m.info["kind"] for m in plan.final] == ["A", "standard"]    # the 2D models only feed A
     single = []
     for index in range(2):
-        alone = segmentation.Plan([plan.final[index]], [plan.chains[index]])
-        written = segmentation.segment_case(case, alone, tmp_path / str(index), tile_size=32)
+        alone = exported.Plan([plan.final[index]], [plan.chains[index]])
+        written = pipeline.segment_case(case, alone, tmp_path / str(index), tile_size=32)
         single.append(map_labels(_read_seg(written["seg"])[0], LABEL_MAPS["brats2017"]))
-    written = segmentation.segment_case(case, plan, tmp_path / "both", tile_size=32, save_proportions=True,
+    written = pipeline.segment_case(case, plan, tmp_path / "both", tile_size=32, save_proportions=True,
                                         label_convention="brats2023")
     want, proportions = ensemble.hierarchical_vote(single)
     np.testing.assert_array_equal(_read_seg(written["seg"])[0], want)   # 2023 convention: internal labels
@@ -117,21 +119,21 @@ def test_several_3d_models_are_fused_by_the_vote(models, tmp_path):
 
 
 def test_a_2d3d_model_alone_finds_its_2d_models_by_recorded_path_and_hash(models, tmp_path):
-    plan = segmentation.plan_models([models["A"]])
+    plan = exported.plan_models([models["A"]])
     assert {o: m.path for o, m in plan.chains[0].items()} == {
         o: str(models[o]) + "/model.keras" for o in ("axial", "coronal", "sagittal")}
 
 
 def test_real_cases_in_every_layout(models, tmp_path):
     brats2023 = shared_data("brats2023_glioma_case", "BraTS-GLI-00001-000")
-    [(_, written)] = segmentation.segment([models["narrow_axial"]], tmp_path, case_dir=brats2023, verbose=False)
+    [(_, written)] = pipeline.segment([models["narrow_axial"]], tmp_path, case_dir=brats2023, verbose=False)
     _check_geometry(written["seg"], brats2023 / "BraTS-GLI-00001-000-t1n.nii.gz")
     tcga = shared_data("tcga_peer_segmentations", "TCGA-DU-7294")
-    [(_, written)] = segmentation.segment([models["narrow_axial"]], tmp_path, case_dir=tcga, verbose=False,
+    [(_, written)] = pipeline.segment([models["narrow_axial"]], tmp_path, case_dir=tcga, verbose=False,
                                           layout_file=LAYOUTS / "tcga_bet.json")
     _check_geometry(written["seg"], tcga / "TCGA-DU-7294_t1_bet.nii.gz")
     brats2013 = shared_data("brats2013_flair_t1c", "brats_2013_pat0003_1")
-    [(case_id, written)] = segmentation.segment([models["narrow_k2_axial"]], tmp_path, case_dir=brats2013, verbose=False,
+    [(case_id, written)] = pipeline.segment([models["narrow_k2_axial"]], tmp_path, case_dir=brats2013, verbose=False,
                                                 layout_file=LAYOUTS / "brats2013_deepmedic.json")
     seg = _check_geometry(written["seg"], brats2013 / "Flair_subtrMeanDivStd.nii.gz")
     mask = np.asarray(nib.load(brats2013 / "brainmask.nii.gz").dataobj) > 0.5
@@ -158,7 +160,7 @@ def test_a_case_missing_a_needed_modality_is_refused(models, tmp_path):
     files = {"t1": case_dir / "Case_0_t1.nii.gz", "t1c": case_dir / "Case_0_t1ce.nii.gz"}
     with pytest.raises(DataError, match=r"case Case_0 has no t2, flair image, which the 3d A "
                                         r"model .* needs \(it uses t1, t1c, t2, flair\)"):
-        segmentation.segment([models["A"]], tmp_path, files=files, verbose=False)
+        pipeline.segment([models["A"]], tmp_path, files=files, verbose=False)
     assert not list(tmp_path.iterdir())
 
 
@@ -179,7 +181,7 @@ def test_fitted_tiles_cover_the_volume_with_as_few_tiles_and_least_padding():
     rng = np.random.default_rng(0)
     for _ in range(200):
         shape, largest = rng.integers(1, 300, size=3), int(rng.integers(1, 100))
-        tile = segmentation.inference.fitted_tile_size(shape, largest)
+        tile = pipeline.predict.fitted_tile_size(shape, largest)
         counts = lambda side: [-(-int(n) // side) for n in shape]
         assert tile <= largest and counts(tile) == counts(largest)
         assert tile == 1 or counts(tile - 1) != counts(largest)   # one less needs more tiles

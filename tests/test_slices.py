@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from brats_tf.preprocess import PreparedCase
-from brats_tf.records.slices import ORIENTATIONS, SliceSampler, from_slices, to_slices
+from brats_tf.constants import ORIENTATIONS
+from brats_tf.records.slices import SliceSampler, from_slices, to_slices
 
 
 def _case(seed, shape=(20, 18, 16), with_enhancing=True):

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats as scipy_stats
 
-from brats_tf import stats
+from brats_tf.evaluation import stats
 from brats_tf.errors import ConfigError
 
 BASELINE = np.array([0.70, 0.75, 0.80, 0.60, 0.85, 0.90, 0.65, 0.72])

@@ -1,4 +1,4 @@
-"""Tests for the phantom generator (brats_tf.synthetic), its montage (brats_tf.preview)
+"""Tests for the phantom generator (brats_tf.synthetic.generator), its montage (brats_tf.synthetic.preview)
 and its command line (data_prep.synthesize)."""
 
 import json
@@ -11,7 +11,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf import phantom_anatomy, preview, synthetic
+from brats_tf.synthetic import anatomy as phantom_anatomy
+from brats_tf.synthetic import preview
+from brats_tf.synthetic import generator as synthetic
 from brats_tf.errors import ConfigError
 from brats_tf.io.cases import discover_cases, load_case
 

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 
-from brats_tf import features
+from brats_tf.inference import exported, features
 from brats_tf.configs import train3d
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet3d
 from brats_tf.preprocess import PreparedCase
 from brats_tf.records.patches import PatchSampler
-from brats_tf.trainer3d import Trainer3D
+from brats_tf.training.stage3d import Trainer3D
 from tests.conftest import run_module
 from tests.test_features import export_2d_models, make_records
 
@@ -77,7 +77,7 @@ def test_model_a_trains_on_features_and_records_its_chain(data, tmp_path):
     assert info["stage"] == "3d" and info["kind"] == "A" and info["receptive_field"] == 45
     assert info["num_features"] == 12 and info["output_size"] == 5 and info["modalities"] == ["t1", "t1c", "t2", "flair"]
     for orientation, path in models.items():
-        assert info["features"]["models"][orientation]["sha256"] == features.file_sha256(f"{path}/model.keras")
+        assert info["features"]["models"][orientation]["sha256"] == exported.file_sha256(f"{path}/model.keras")
     assert info["preprocessing"]["normalization"] == "median"
     assert (tmp_path / "model.keras").is_file() and (tmp_path / "tensorboard").is_dir()
 

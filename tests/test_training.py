@@ -16,8 +16,8 @@ import pytest
 from brats_tf.configs.train2d import get_config
 from brats_tf.errors import ConfigError
 from brats_tf.records.writer import build_records
-from brats_tf.trainer2d import Trainer2D as Trainer
-from brats_tf.training import TrainingError
+from brats_tf.training.stage2d import Trainer2D as Trainer
+from brats_tf.training.loop import TrainingError
 from tests.conftest import REPO, write_brats2017_case
 
 
@@ -163,7 +163,7 @@ import sys, tensorflow as tf
 cpu = tf.config.list_physical_devices("CPU")[0]
 tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
 from brats_tf.configs.train2d import get_config
-from brats_tf.trainer2d import Trainer2D as Trainer
+from brats_tf.training.stage2d import Trainer2D as Trainer
 c = get_config("small")
 c.data.records_dir, c.train.strategy, c.train.iterations = sys.argv[1], "mirrored", 3
 c.data.batch_size, c.train.val_every = 2, 3

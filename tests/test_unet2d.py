@@ -5,7 +5,7 @@ import keras
 import numpy as np
 import pytest
 
-from brats_tf.models import (build_2d_model, build_2d_model_1, build_subnetwork_model,
+from brats_tf.models.unet2d import (build_2d_model, build_2d_model_1, build_subnetwork_model,
                              inference_model, load_subnetwork_weights, output_names,
                              pooling_factor)
 from brats_tf.models.unet2d import resolve_filters
@@ -161,8 +161,8 @@ def test_subnetwork_for_another_model_is_refused():
 
 
 def test_small_preset_trains_with_the_deep_supervision_loss():
-    from brats_tf.losses import deep_supervision_losses
-    from brats_tf.optim import NormalizedMomentum
+    from brats_tf.training.losses import deep_supervision_losses
+    from brats_tf.training.optim import NormalizedMomentum
     keras.utils.set_random_seed(0)
     model = build_2d_model_1(TWO, sub_filters=4, main_filters=(8, 8))  # fast to trace
     losses, weights = deep_supervision_losses(model.output_names)

@@ -6,7 +6,7 @@ import ml_collections
 
 def base_config(stage, preset):
     c = ml_collections.ConfigDict()
-    c.stage = stage                         # which trainer (brats_tf/training.py TRAINERS)
+    c.stage = stage                         # which trainer (brats_tf/training/registry.py)
     c.preset = preset
     c.seed = 0
     c.deterministic = False   # tf.config.experimental.enable_op_determinism (disables XLA)

@@ -12,7 +12,6 @@ import ml_collections
 
 from brats_tf.configs import common
 
-MODEL_KINDS = ("model1", "model2", "unet")
 PRESETS = ("paper", "small")
 
 

@@ -14,8 +14,8 @@ many output voxels one patch trains (input - 44).
 import ml_collections
 
 from brats_tf.configs import common
+from brats_tf.constants import TILE_SIZE_3D
 
-MODEL_KINDS = ("standard", "A", "B", "C")
 PRESETS = ("paper", "small")
 
 
@@ -55,5 +55,5 @@ def get_config(preset="small"):
 
     c.train = common.training_loop(iterations=20000 if paper else 40, checkpoint_every=200 if paper else 10,
                                    val_every=1000 if paper else 20)
-    c.train.tile_size = 64                  # largest output side of a tile, validation inference
+    c.train.tile_size = TILE_SIZE_3D        # largest output side of a tile, validation inference
     return c

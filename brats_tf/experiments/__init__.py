@@ -1,23 +1,37 @@
 """Whole experiments, by name: `run_experiment.py --experiment=NAME` calls `run(NAME, args)`.
 
-An experiment is a function taking a flags-like object with the attributes `scale`
-("demo" | "paper"), `workdir`, `data_dir`, `layout`, `layout_file`, `target_data_dir`,
-`test_dir`, `seed`, `strategy`, `config_2d`, `config_3d` (None where a flag was not given), and returning the path of its report.
-Entries are "module:function", imported on demand so `--help` stays fast; add new
-experiments here.
+An experiment is a function taking a flags-like object and returning the path of its
+report. The object's attributes: `config`, the run's experiment config (a preset of
+brats_tf/configs/experiments.py with the --config.x overrides; None: the `scale` preset),
+`scale` ("demo" | "paper" | "tiny"; used when `config` is None), `workdir`, `data_dir`,
+`layout`, `layout_file`, `target_data_dir`, `test_dir`, `seed`, `strategy` (set on every
+2D / 3D model config whose train.strategy is "off"), and optionally `config_2d` /
+`config_3d`, the old spelling of the model overrides (lists of KEY=VALUE, applied last to
+every 2D / 3D model). Flags not given are None.
+
+EXPERIMENTS below is the registry; add new experiments there. Its modules import
+TensorFlow, so they are imported when an experiment runs, not for `--help`.
 """
 
-import importlib
+
+def _mlynarski():
+    from brats_tf.experiments import mlynarski
+    return mlynarski
+
+
+def _shen():
+    from brats_tf.experiments import shen
+    return shen
+
 
 EXPERIMENTS = {
-    "demo": "brats_tf.experiments.mlynarski:demo",          # the default: the README's main job
-    "table1": "brats_tf.experiments.mlynarski:table1",
-    "table3": "brats_tf.experiments.mlynarski:table3",
-    "table2_missing": "brats_tf.experiments.mlynarski:table2_missing",
-    "shen_ablation": "brats_tf.experiments.shen:shen_ablation",
-    "shen_transfer": "brats_tf.experiments.shen:shen_transfer",
+    "demo": lambda args: _mlynarski().demo(args),          # the default: the README's main job
+    "table1": lambda args: _mlynarski().table1(args),
+    "table3": lambda args: _mlynarski().table3(args),
+    "table2_missing": lambda args: _mlynarski().table2_missing(args),
+    "shen_ablation": lambda args: _shen().shen_ablation(args),
+    "shen_transfer": lambda args: _shen().shen_transfer(args),
 }
-SCALES = ("demo", "paper")
 
 
 def names():
@@ -28,8 +42,7 @@ def get(name):
     """The experiment function registered as `name`."""
     if name not in EXPERIMENTS:
         raise KeyError(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
-    module, function = EXPERIMENTS[name].split(":")
-    return getattr(importlib.import_module(module), function)
+    return EXPERIMENTS[name]
 
 
 def run(name, args):

@@ -1,15 +1,19 @@
-"""What every experiment needs: its data (given or synthesized), records checked against
-their manifest, a seeded split saved once, measured timings, finished-model checks."""
+"""What every experiment needs: its config (the scale's preset with the run's overrides), its
+data (given or synthesized), records checked against their manifest, a seeded split saved
+once, measured timings, finished-model checks."""
 
+import ast
 import contextlib
+import copy
 import json
 import os
 import time
 
-from brats_tf import synthetic
+from brats_tf.synthetic import generator
+from brats_tf.configs import experiments as experiment_configs
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases
-from brats_tf.io.nifti import atomic_write
+from brats_tf.io.files import write_json
 from brats_tf.records import reader
 from brats_tf.records.writer import build_records
 
@@ -21,7 +25,7 @@ def synthesize_unless_given(data_dir, work, name, num_cases, seed, shape=None, s
         return os.path.abspath(data_dir)
     data_dir = os.path.join(work, "data", name)
     print(f"  synthesizing {num_cases} phantoms ({site=}, shape {shape or 'default'}) in {data_dir}", flush=True)
-    synthetic.write_dataset(data_dir, num_cases, seed, shape=shape, site=site, progress=False)
+    generator.write_dataset(data_dir, num_cases, seed, shape=shape, site=site, progress=False)
     return data_dir
 
 
@@ -48,35 +52,59 @@ def labeled_ids(manifest):
     return sorted(c["case_id"] for c in manifest["cases"] if c["voxels_per_class"] is not None)
 
 
-def load_or_make_split(path, ids, make):
-    """The split saved at `path` (checked against the data's ids), else `make()` saved there."""
-    if os.path.exists(path):
-        with open(path) as f:
-            split = json.load(f)
-        unknown = sorted(set(_ids_in(split)) - set(ids))
-        if unknown:
-            raise ConfigError(f"{path}: cases {unknown[:3]} are not in the data; use a new --workdir")
-        return split
-    split = make()
-    atomic_write(path, lambda p: write_json(p, split))
-    return split
+def experiment_config(args):
+    """The config of a run (configs/experiments.py): `args.config` (run_experiment's --config
+    with its --config.x overrides), else the `args.scale` preset, with `args.strategy` set on
+    every 2D / 3D model config that keeps "off". The old spelling's overrides (`config_2d`,
+    `config_3d`) are checked here and applied to each model's config by `old_overrides`."""
+    config = getattr(args, "config", None)
+    if config is None:
+        if args.scale not in experiment_configs.PRESETS:
+            raise ConfigError(f"--scale={args.scale!r}: use one of {list(experiment_configs.PRESETS)}")
+        config = experiment_configs.get_config(args.scale)
+    config = copy.deepcopy(config)
+    strategy = getattr(args, "strategy", None) or "off"
+    for section in (config.twod, config.threed):
+        if section.train.strategy == "off":
+            section.train.strategy = strategy
+    for stage in ("2d", "3d"):   # unknown keys refused before any work
+        old_overrides(copy.deepcopy(config.twod if stage == "2d" else config.threed), args, stage)
+    return config
 
 
-def _ids_in(value):
-    """Every case id in a split (lists of ids, possibly nested, in a dict)."""
-    if isinstance(value, str):
-        return [value]
-    items = value.values() if isinstance(value, dict) else value
-    return [i for item in items for i in _ids_in(item)]
+def old_overrides(model_config, args, stage):
+    """`model_config` with the old spelling's overrides of its stage applied (`args.config_2d`
+    / `config_3d`: KEY=VALUE, Python literals), last, as they always were; returns it."""
+    flag, section = ("config_2d", "twod") if stage == "2d" else ("config_3d", "threed")
+    for text in getattr(args, flag, None) or ():
+        key, _, value = text.partition("=")
+        _set_dotted(model_config, key.strip(), _literal(value.strip()),
+                    f"--{flag} {text!r} (new spelling: --config.{section}.{text.strip()})")
+    return model_config
 
 
-def resolve_scale(scale, scales, scale_type):
-    """A scale given by name (a key of `scales`) or as a `scale_type` object (tests, custom runs)."""
-    if isinstance(scale, scale_type):
-        return scale
-    if scale not in scales:
-        raise ConfigError(f"--scale={scale!r}: use one of {sorted(scales)}")
-    return scales[scale]
+def _set_dotted(config, key, value, where):
+    """config[key] = value for a dotted key that the config defines."""
+    *parents, leaf = key.split(".")
+    node = config
+    for part in parents:
+        if part not in node or not hasattr(node[part], "keys"):
+            raise ConfigError(f"{where}: the config has no {key!r}")
+        node = node[part]
+    if leaf not in node:
+        raise ConfigError(f"{where}: the config has no {key!r}")
+    try:
+        node[leaf] = value
+    except TypeError as err:
+        raise ConfigError(f"{where}: {err}") from None
+
+
+def _literal(text):
+    """A Python literal where the text is one (4, (4,6,8), 0.5, True, None), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
 
 
 def finished(model_dir, iterations):
@@ -101,7 +129,7 @@ class Timings:
 
     def record(self, name, **values):
         self.data.setdefault(name, {}).update({k: round(float(v), 4) for k, v in values.items()})
-        atomic_write(self.path, lambda p: write_json(p, self.data))
+        write_json(self.path, self.data)
 
 
 class Stages:
@@ -119,8 +147,3 @@ class Stages:
         seconds = time.time() - start
         self.timings.record("stages", **{title: seconds})
         print(f"      {title}: {seconds:.0f} s", flush=True)
-
-
-def write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)

@@ -5,6 +5,10 @@ missing-sequence experiment (Table 2), each ending in a report with Table 4's te
     python run_experiment.py --experiment=table1 --scale=demo --data_dir=D [--layout_file=L]
     python run_experiment.py --experiment=table3 --data_dir=D --test_dir=T   # external test set
     python run_experiment.py --experiment=table2_missing --scale=demo
+    python run_experiment.py --config.twod.train.iterations=30 --config.threed.model.input_size=70
+
+The scale's settings (phantoms, split sizes, the 2D / 3D model configs `twod`, `threed`)
+are a preset of brats_tf/configs/experiments.py; --config.KEY=VALUE overrides one.
 
 `demo`, `table1` and `table3` run the whole method: records -> 2D model 1 and 2D model 2
 in three orientations (and U-Net axial for the tables) -> 2D features of each kind ->
@@ -23,61 +27,36 @@ hash. An interrupted training resumes from its checkpoint. The split over sorted
 is seeded and saved in the work dir.
 """
 
-import ast
+import copy
 import dataclasses
 import json
 import os
 import time
 
 import keras
-import numpy as np
 
-from brats_tf import ensemble, metrics, report, report_tables, segmentation
-from brats_tf import features as features_lib
+from brats_tf.inference import ensemble
+from brats_tf.evaluation import evaluate
+from brats_tf.report import markdown
+from brats_tf.report import tables
+from brats_tf.inference import exported, pipeline
+from brats_tf.inference import features as features_lib
+from brats_tf.configs import experiments as experiment_configs
 from brats_tf.configs import train2d, train3d
+from brats_tf.constants import ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.experiments import common
-from brats_tf.io.cases import discover_cases, load_case, map_labels
-from brats_tf.io.nifti import atomic_write, save_volume
+from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io.labels import write_label_map
+from brats_tf.io.files import read_json, write_json
+from brats_tf.io import splits
 from brats_tf.records import reader
-from brats_tf.training import record_config, trainer_class
+from brats_tf.training.loop import record_config
+from brats_tf.training.registry import trainer_class
 
-ORIENTATIONS = features_lib.ORIENTATIONS
+
 KINDS_2D = ("model1", "model2")
 KINDS_2D3D = ("A", "B", "C")
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    name: str
-    preset: str                  # train2d / train3d config preset
-    num_cases: int               # phantoms synthesized when no --data_dir is given
-    shape: tuple                 # phantom matrix (None: 240 x 240 x 155)
-    test_fraction: float         # cases held out for testing (without --test_dir)
-    num_val: int                 # validation cases (the trainers' checks)
-    iterations_2d: int
-    iterations_3d: int
-    pretrain_iterations: int     # one subnetwork alone (table2_missing)
-    set_2d: tuple = ()           # (dotted config key, value) for every 2D model
-    set_3d: tuple = ()           # ... for every 3D model
-    tile_size: int = 64          # largest output side of a 3D inference tile
-
-
-SCALES = {
-    # [M]: 285 BraTS 2017 cases, 235 train / 50 test; the presets' paper settings
-    # (full slices, 70³ patches, N=10 / 5, schedule 0.25 / 0.001 / 200 / 0.98). A GPU/TPU.
-    "paper": Scale("paper", "paper", 285, None, 50 / 285, 5, 20000, 20000, 5000),
-    # 2-core CPU, the demo in <= 15 min: small phantoms, small widths, few iterations.
-    # Smaller normalized-gradient steps than the paper's 0.25, which made the loss of these
-    # small networks spike in short runs (measured: 2D axial validation Dice 0.15 -> 0.76
-    # for edema at lr 0.1; the 3D models did not learn at all at 0.25). 3D: the small widths
-    # on 54³ patches (10³ labels), one batch per update.
-    "demo": Scale("demo", "small", 20, (80, 80, 64), 0.3, 2, 90, 45, 40,
-                  set_2d=(("optim.learning_rate", 0.1), ("train.val_every", 30), ("train.checkpoint_every", 30)),
-                  set_3d=(("model.input_size", 54), ("optim.accumulation_steps", 1),
-                          ("optim.learning_rate", 0.05), ("train.val_every", 0),
-                          ("train.checkpoint_every", 15))),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,7 +165,7 @@ def table2_missing(args):
         for modality in modalities:   # every training case that has the sequence
             model = Model(f"subnetwork {modality}", f"subnetwork_{modality}", "2d", "model1")
             config = run.config_2d(model, missing, iterations=run.scale.pretrain_iterations,
-                                   extra=(("train.subnetwork", modality),))
+                                   subnetwork=modality)
             subnetworks.append(run.train(model, config))
     subset_model = Model("2D model 1, missing data", "2d_model1_subset1", "2d", "model1")
     pretrained = Model("2D model 1, missing data + pretrained subnetworks", "2d_model1_subset1_pretrained", "2d",
@@ -195,8 +174,7 @@ def table2_missing(args):
     with run.stage("2D models"):
         dirs = {subset_model.slug: run.train(subset_model, run.config_2d(subset_model, missing, train=subsets[0])),
                 pretrained.slug: run.train(pretrained, run.config_2d(
-                    pretrained, missing, train=subsets[0],
-                    extra=(("train.pretrained_subnetworks", ",".join(subnetworks)),))),
+                    pretrained, missing, train=subsets[0], pretrained_subnetworks=",".join(subnetworks))),
                 full.slug: run.train(full, run.config_2d(full, data))}
     rows = [subset_model, pretrained, full]
     with run.stage("inference"):
@@ -226,14 +204,14 @@ def subsets_note(subsets, modalities):
 class Run:
     def __init__(self, args, experiment, stages):
         self.args, self.experiment = args, experiment
-        self.scale = common.resolve_scale(args.scale, SCALES, Scale)
+        self.scale = common.experiment_config(args)   # the scale's preset with this run's overrides
         self.work = os.path.abspath(args.workdir or os.path.join("runs", experiment))
         self.out_dir = os.path.join(self.work, experiment)
         self.started = time.time()
         self.timings = common.Timings(os.path.join(self.out_dir, "timings.json"))
         self.timings.data.pop("stages", None)   # this run's stage times only
         self.stages = common.Stages(stages, self.timings)
-        print(f"{experiment} ({self.scale.name} scale) in {self.work}", flush=True)
+        print(f"{experiment} ({self.scale.scale} scale) in {self.work}", flush=True)
 
     def stage(self, title):
         return self.stages.run(title)
@@ -248,8 +226,8 @@ class Run:
         manifest = common.ensure_records(data_dir, records_dir, layout, layout_file)
         ids = common.labeled_ids(manifest)
         external = bool(getattr(a, "test_dir", None))
-        split = common.load_or_make_split(os.path.join(self.work, "split.json"), ids,
-                                          lambda: split_case_ids(ids, scale, a.seed, external, subsets))
+        split = splits.load_or_make(os.path.join(self.work, splits.SPLIT_FILE),
+                                    lambda: split_case_ids(ids, scale, a.seed, external, subsets), known_ids=ids)
         if external:
             test_cases = [c for c in discover_cases(a.test_dir, layout, layout_file) if c.label is not None]
             if not test_cases:
@@ -275,34 +253,31 @@ class Run:
         return dataclasses.replace(data, data_dir=out, records_dir=records_dir, manifest=manifest)
 
     # --- configs ----------------------------------------------------------------------------
-    def config_2d(self, model, data, train=None, iterations=None, extra=()):
-        c = train2d.get_config(self.scale.preset)
+    def config_2d(self, model, data, train=None, iterations=None, **train_fields):
+        """The config of a 2D model: the scale's `twod`, this model's kind and orientation,
+        the data's split (or `train` cases), `iterations` (default: the scale's) and other
+        `train.` fields (subnetwork, pretrained_subnetworks)."""
+        c = copy.deepcopy(self.scale.twod)
         c.model.kind, c.data.orientation = model.kind, model.orientation
-        return self._finish_config(c, data, train, iterations or self.scale.iterations_2d,
-                                   self.scale.set_2d + tuple(extra), self.args.config_2d)
+        c.train.iterations = iterations or c.train.iterations
+        for key, value in train_fields.items():
+            c.train[key] = value
+        return self._finish_config(c, data, train, "2d")
 
     def config_3d(self, model, data, feature_dirs, dirs):
-        c = train3d.get_config(self.scale.preset)
+        c = copy.deepcopy(self.scale.threed)
         c.model.kind = model.kind
         if model.features:
             c.features.dir, c.features.kind = feature_dirs[model.features], model.features
             c.features.models = ",".join(dirs[f"2d_{model.features}_{o}"] for o in ORIENTATIONS)
-        c.train.tile_size = self.scale.tile_size
-        return self._finish_config(c, data, None, self.scale.iterations_3d, self.scale.set_3d, self.args.config_3d)
+        return self._finish_config(c, data, None, "3d")
 
-    def _finish_config(self, c, data, train, iterations, settings, user_overrides):
+    def _finish_config(self, c, data, train, stage):
         c.seed = self.args.seed
         c.data.records_dir = data.records_dir
         c.data.train_cases = list(train or data.split["train"])
         c.data.val_cases = list(data.split["val"])
-        c.train.iterations = iterations
-        c.train.strategy = self.args.strategy
-        for key, value in settings:
-            set_config(c, key, value)
-        for text in user_overrides or ():
-            key, _, value = text.partition("=")
-            set_config(c, key.strip(), parse_value(value.strip()), where=f"override {text!r}")
-        return c
+        return common.old_overrides(c, self.args, stage)
 
     # --- training and features ----------------------------------------------------------------
     def train(self, model, config):
@@ -343,10 +318,11 @@ class Run:
         """Label maps of every row's model (and of the vote of the `vote` rows) for the test
         cases, through the segment code; returns {row: prediction folder}."""
         pred_root = os.path.join(self.out_dir, "predictions")
-        loaded = segmentation.load_with_chains([dirs[m.slug] for m in rows])
-        wanted = {m.slug: model.sha256 for m, (model, _) in zip(rows, loaded)}
+        loaded = exported.load_with_chains([dirs[m.slug] for m in rows])
+        plan = exported.Plan([model for model, _ in loaded], [chain for _, chain in loaded])
+        wanted = {m.slug: model.sha256 for m, model in zip(rows, plan.final)}
         manifest_path = os.path.join(pred_root, "manifest.json")
-        done = _read_json(manifest_path, {})
+        done = read_json(manifest_path, {})
         if done.get("models") != wanted:
             done = {"models": wanted, "cases": []}
         slugs = {m.row: m.slug for m in rows}
@@ -356,20 +332,16 @@ class Run:
         todo = [i for i in data.split["test"] if i not in done["cases"]]
         start = time.time()
         for number, case_id in enumerate(todo, 1):
-            case_start, maps = time.time(), {}
-            inputs, cache = segmentation.PreparedInputs(cases[case_id]), {}
-            segmentation.check_modalities(cases[case_id], [m for m, _ in loaded])
-            for m, (model, chain) in zip(rows, loaded):
-                maps[m.row], _ = segmentation.model_labels(model, chain, inputs, tile_size=self.scale.tile_size,
-                                                           feature_cache=cache)
+            case_start, inputs = time.time(), pipeline.PreparedInputs(cases[case_id])
+            maps = {m.row: labels for m, (_, labels, _) in
+                    zip(rows, pipeline.label_maps(inputs, plan, tile_size=self.scale.tile_size))}
             if vote:
                 maps[ENSEMBLE_ROW], _ = ensemble.hierarchical_vote([maps[r] for r in vote], with_proportions=False)
             for row, labels in maps.items():
                 path = os.path.join(pred_root, slugs[row], f"{case_id}_seg.nii.gz")
-                brats_labels = map_labels(labels, segmentation.OUTPUT_LABEL_MAPS["brats2017"], path)
-                save_volume(path, brats_labels.astype(np.uint8), inputs.geometry)
+                write_label_map(path, labels, inputs.geometry, "brats2017")
             done["cases"].append(case_id)
-            atomic_write(manifest_path, lambda p: common.write_json(p, done))
+            write_json(manifest_path, done)
             print(f"  [{len(data.split['test']) - len(todo) + number}/{len(data.split['test'])}] {case_id}: "
                   f"{len(maps)} label maps in {time.time() - case_start:.0f} s", flush=True)
         if todo:
@@ -381,12 +353,12 @@ class Run:
         to `evaluation/<model>.csv`."""
         evaluations = {}
         for row, pred_dir in pred_dirs.items():
-            evaluation = metrics.evaluate_dirs(pred_dir, data.test_dir, data.test_layout, data.test_layout_file,
+            evaluation = evaluate.evaluate_dirs(pred_dir, data.test_dir, data.test_layout, data.test_layout_file,
                                                workers=1, progress=False)
             if evaluation.predictions_without_reference:
                 raise DataError(pred_dir, f"predictions without reference: {evaluation.predictions_without_reference}")
             csv_name = f"{os.path.basename(pred_dir)}.csv"
-            metrics.write_evaluation_csv(os.path.join(self.out_dir, "evaluation", csv_name), evaluation.rows)
+            evaluate.write_evaluation_csv(os.path.join(self.out_dir, "evaluation", csv_name), evaluation.rows)
             evaluations[row] = evaluation.rows
         return evaluations
 
@@ -396,9 +368,9 @@ class Run:
         overlays = [self._overlay(case_id, data, {r: _pred_file(pred_dirs[r], case_id) for r in overlay_rows})]
         feature_maps = [self._feature_maps(feature_dir, data)] if feature_dir else []
         notes = list(extra_notes) + [self._settings_note(data), self._timings_note()]
-        path = report.write_report(self.out_dir, evaluations, comparisons, logs, overlays,
+        path = markdown.write_report(self.out_dir, evaluations, comparisons, logs, overlays,
                                    [f for f in feature_maps if f], title=title, notes=notes)
-        print("\nMean Dice x 100 on the test cases:\n" + report_tables.mean_dice_table(evaluations), flush=True)
+        print("\nMean Dice x 100 on the test cases:\n" + tables.mean_dice_table(evaluations), flush=True)
         print(f"total {time.time() - self.started:.0f} s this run", flush=True)
         return path
 
@@ -406,7 +378,7 @@ class Run:
         case = {c.case_id: c for c in discover_cases(data.test_dir, data.test_layout, data.test_layout_file)}[case_id]
         modality = next(m for m in ("flair", "t2", "t1c", "t1") if m in case.images)
         loaded = load_case(case, [modality])
-        return report.Overlay(case_id, loaded.image[..., 0], loaded.label, predictions)
+        return markdown.Overlay(case_id, loaded.image[..., 0], loaded.label, predictions)
 
     def _feature_maps(self, feature_dir, data):
         """Fig. 10 for a test case (a validation case when the test set is external)."""
@@ -416,30 +388,32 @@ class Run:
             return None
         case = next(reader.read_cases(data.records_dir, [case_id])).prepared
         features = features_lib.load_features(feature_dir, [case_id])[case_id]
-        return report.FeatureMaps(case_id, features, image=case.image[..., -1], reference=case.label)
+        return markdown.FeatureMaps(case_id, features, image=case.image[..., -1], reference=case.label)
 
     def _settings_note(self, data):
         s = self.scale
+        settings_2d = _settings(s.twod, train2d.get_config(s.twod.preset))
+        settings_3d = _settings(s.threed, train3d.get_config(s.threed.preset))
         return "\n".join([
             "## Settings\n",
-            f"- scale `{s.name}` (config presets `{s.preset}`), seed {self.args.seed}, work dir `{self.work}`",
+            f"- scale `{s.scale}` (config presets `{s.twod.preset}`), seed {self.args.seed}, work dir `{self.work}`",
             f"- data `{data.data_dir}` ({len(data.manifest['cases'])} cases, modalities "
             f"{', '.join(data.manifest['modalities'])}, {data.manifest['normalization']} normalization); "
             f"test cases from `{data.test_dir}`",
             f"- split: {len(data.split['train'])} train / {len(data.split['val'])} validation / "
             f"{len(data.split['test'])} test (`split.json`)",
-            f"- iterations: 2D {s.iterations_2d}, 3D {s.iterations_3d}; 2D settings {dict(s.set_2d)}; "
-            f"3D settings {dict(s.set_3d)}; overrides 2D {list(self.args.config_2d or [])}, "
-            f"3D {list(self.args.config_3d or [])}\n"])
+            f"- iterations: 2D {s.twod.train.iterations}, 3D {s.threed.train.iterations}; 2D settings {settings_2d}; "
+            f"3D settings {settings_3d}; overrides 2D {list(getattr(self.args, 'config_2d', None) or [])}, "
+            f"3D {list(getattr(self.args, 'config_3d', None) or [])}\n"])
 
     def _timings_note(self):
         stages = self.timings.data.get("stages", {})
         models = {k: v for k, v in self.timings.data.items() if k != "stages"}
         lines = ["## Time per stage (this run; skipped stages take ~0 s)\n",
-                 report_tables.markdown_table(["Stage", "Seconds"], [[k, f"{v:.0f}"] for k, v in stages.items()])]
+                 tables.markdown_table(["Stage", "Seconds"], [[k, f"{v:.0f}"] for k, v in stages.items()])]
         if models:
             lines += ["Per model / step (when it last ran):\n",
-                      report_tables.markdown_table(["Step", "Seconds"], [
+                      tables.markdown_table(["Step", "Seconds"], [
                           [k, ", ".join(f"{n} {v:.1f}" for n, v in values.items())] for k, values in models.items()])]
         return "\n".join(lines)
 
@@ -450,7 +424,7 @@ def split_case_ids(ids, scale, seed, external_test=False, subsets=0):
     """Seeded split over sorted ids: test (a fraction; none with an external test set),
     validation (kept small so at least two training cases remain), train; with `subsets`,
     the training ids are also dealt into that many seeded subsets of near-equal size."""
-    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(ids))]
+    order = splits.seeded_order(ids, seed)
     num_test = 0 if external_test else max(1, round(len(ids) * scale.test_fraction))
     num_val = min(scale.num_val, max(len(ids) - num_test - 2, 0))
     split = {"test": sorted(order[:num_test]), "val": sorted(order[num_test:num_test + num_val]),
@@ -491,25 +465,10 @@ def link_dataset_without(data_dir, out_dir, layout, layout_file, drop):
                 os.symlink(path, target)
 
 
-def set_config(config, key, value, where="setting"):
-    """config[key] = value for a dotted key that the config defines."""
-    *parents, leaf = key.split(".")
-    node = config
-    for part in parents:
-        if part not in node:
-            raise ConfigError(f"{where}: the config has no {key!r}")
-        node = node[part]
-    if leaf not in node:
-        raise ConfigError(f"{where}: the config has no {key!r}")
-    node[leaf] = value
-
-
-def parse_value(text):
-    """A Python literal where the text is one (4, (4,6,8), 0.5, True, None), else the string."""
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
+def _settings(model_config, preset):
+    """The fields of a stage's config that the scale (or an override) sets apart from its
+    train2d / train3d preset, iterations aside: {dotted key: value}."""
+    return {k: v for k, v in experiment_configs.changes(model_config, preset).items() if k != "train.iterations"}
 
 
 def _check_features_current(model_dir, config):
@@ -527,11 +486,4 @@ def _check_features_current(model_dir, config):
 
 def _pred_file(pred_dir, case_id):
     return os.path.join(pred_dir, f"{case_id}_seg.nii.gz")
-
-
-def _read_json(path, default):
-    if not os.path.exists(path):
-        return default
-    with open(path) as f:
-        return json.load(f)
 

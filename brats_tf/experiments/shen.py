@@ -2,6 +2,10 @@
 
     python run_experiment.py --experiment=shen_ablation --scale=demo --workdir=W
     python run_experiment.py --experiment=shen_transfer --scale=demo --workdir=W
+    python run_experiment.py --experiment=shen_ablation --config.shen.bcn.train.iterations=50
+
+The scale's settings (cases per site, the models' configs) are the `shen` section of
+brats_tf/configs/experiments.py; --config.shen.KEY=VALUE overrides one.
 
 `shen_ablation` ([S] Table 1, Fig. 5): BCN and patch FCN each without/with dropout and
 batch normalization, and the FIFCN with softmax cross-entropy vs Dice loss, trained on
@@ -21,6 +25,7 @@ Outputs: `<workdir>/<experiment>/report.md`, `dice_histograms.png`, `timings.jso
 per model `eval_site_<x>/evaluation.csv` + `predictions/` (label maps on the original grid).
 """
 
+import copy
 import dataclasses
 import math
 import os
@@ -29,36 +34,17 @@ import time
 import keras
 import numpy as np
 
-from brats_tf import baselines_inference, metrics
-from brats_tf.baselines_training import BaselineTrainer
+from brats_tf.inference import baselines as baselines_inference
+from brats_tf.evaluation.evaluate import evaluate_dirs, read_evaluation_csv, write_evaluation_csv
+from brats_tf.training.baselines import BaselineTrainer
 from brats_tf.configs import baselines as baseline_configs
 from brats_tf.errors import ConfigError
-from brats_tf.experiments import common, shen_report
+from brats_tf.experiments import common
+from brats_tf.report import shen as shen_report
 from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io import splits
+from brats_tf.io.labels import write_label_map
 from brats_tf.records import reader
-
-
-@dataclasses.dataclass(frozen=True)
-class Scale:
-    preset: str                  # config preset suffix (configs/baselines.py)
-    site_cases: dict             # synthetic cases per site
-    site_shapes: dict            # synthetic matrix per site (None: the site's default)
-    test_fraction: float         # site A cases held out for testing
-    num_val: int                 # validation cases per site (trainer's final check)
-    target_train: int            # site B cases to re-train / fine-tune on ([S]: 11)
-    iterations: dict             # model kind -> iterations on site A
-    transfer_iterations: int     # iterations on site B
-
-
-SCALES = {
-    # [S]: 178 train / 44 test BraTS cases; 57 Rembrandt cases of which 11 train.
-    "paper": Scale("paper", {"a": 222, "b": 57}, {"a": None, "b": None}, 44 / 222, 5, 11,
-                   {"bcn": 20000, "fcn": 20000, "fifcn": 10000}, 2000),
-    # CPU demo (each experiment < 15 min on 2 cores): site B keeps the paper's matrix
-    # ratios to site A (2/3 in-plane, 1/3 of the slices).
-    "demo": Scale("demo", {"a": 24, "b": 16}, {"a": (80, 80, 64), "b": (54, 54, 22)}, 1 / 3, 2, 4,
-                  {"bcn": 200, "fcn": 200, "fifcn": 150}, 100),
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +90,8 @@ class Site:
 def shen_ablation(args):
     """[S] Table 1 / Fig. 5 on site A; returns the report path."""
     started, work = time.time(), os.path.abspath(args.workdir)
-    scale = common.resolve_scale(args.scale, SCALES, Scale)
+    config = common.experiment_config(args)
+    scale = config.shen
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     out_dir = os.path.join(work, "shen_ablation")
     timings = common.Timings(os.path.join(out_dir, "timings.json"))
@@ -113,14 +100,15 @@ def shen_ablation(args):
         model_dir = train_variant(work, variant, site_a, scale, args.seed, timings)
         rows = evaluate(model_dir, site_a, timings, variant.name, _bcn_tile(scale))
         results.append((variant, rows))
-    return shen_report.write_ablation_report(out_dir, results, timings.data, _settings(args, scale, [site_a]),
+    return shen_report.write_ablation_report(out_dir, results, timings.data, _settings(args, config, [site_a]),
                                              time.time() - started)
 
 
 def shen_transfer(args):
     """[S] Table 2 / Fig. 8: site A -> site B; returns the report path."""
     started, work = time.time(), os.path.abspath(args.workdir)
-    scale = common.resolve_scale(args.scale, SCALES, Scale)
+    config = common.experiment_config(args)
+    scale = config.shen
     site_a = prepare_site(work, "a", args.data_dir, args, scale)
     site_b = prepare_site(work, "b", args.target_data_dir, args, scale)
     out_dir = os.path.join(work, "shen_transfer")
@@ -140,17 +128,18 @@ def shen_transfer(args):
             rows = evaluate(model_dir, site_b, timings, variant.name, _bcn_tile(scale))
             results.append((plain.kind, method, rows, TRANSFER_PAPER[(plain.kind, method)]))
     return shen_report.write_transfer_report(out_dir, results, source_results, timings.data,
-                                             _settings(args, scale, [site_a, site_b]), time.time() - started)
+                                             _settings(args, config, [site_a, site_b]), time.time() - started)
 
 
 def _bcn_tile(scale):
-    return baseline_configs.get_config(f"bcn_{scale.preset}").train.inference_tile
+    return scale.bcn.train.inference_tile
 
 
-def _settings(args, scale, sites):
-    name = args.scale if isinstance(args.scale, str) else f"custom ({scale.preset} presets)"
-    return {"scale": name, "seed": args.seed, "workdir": os.path.abspath(args.workdir),
-            "iterations": scale.iterations, "transfer_iterations": scale.transfer_iterations,
+def _settings(args, config, sites):
+    scale = config.shen
+    return {"scale": config.scale, "seed": args.seed, "workdir": os.path.abspath(args.workdir),
+            "iterations": {kind: scale[kind].train.iterations for kind in baseline_configs.MODELS},
+            "transfer_iterations": scale.transfer_iterations,
             "sites": {s.name: {"data_dir": s.data_dir, **{k: len(v) for k, v in s.split.items()}}
                       for s in sites}}
 
@@ -166,15 +155,15 @@ def prepare_site(work, site, data_dir, args, scale):
     records_dir = os.path.join(work, "records", f"site_{site}")
     manifest = common.ensure_records(data_dir, records_dir, layout, layout_file, normalization="zscore")
     ids = common.labeled_ids(manifest)
-    split = common.load_or_make_split(os.path.join(work, f"split_site_{site}.json"), ids,
-                                      lambda: split_case_ids(ids, site, scale, args.seed))
+    split = splits.load_or_make(os.path.join(work, f"split_site_{site}.json"),
+                                lambda: split_case_ids(ids, site, scale, args.seed), known_ids=ids)
     return Site(site, data_dir, layout, layout_file, records_dir, split)
 
 
 def split_case_ids(ids, site, scale, seed):
     """Seeded split over sorted ids. Site A: test (a fraction), val, train (the rest);
     site B: train (a small subset, [S]), val, test (the rest)."""
-    order = [str(i) for i in np.random.default_rng(seed).permutation(sorted(ids))]
+    order = splits.seeded_order(ids, seed)
     num_val = min(scale.num_val, max(len(ids) - 2, 0))
     if site == "a":
         num_test = max(1, round(len(ids) * scale.test_fraction))
@@ -192,16 +181,17 @@ def split_case_ids(ids, site, scale, seed):
 # ------------------------------------------------------------------ training and evaluation
 
 def variant_config(variant, scale, site, seed, iterations=None, init_from=None):
-    """The trainer config of one model: the preset, the variant's switches, the site's split."""
-    c = baseline_configs.get_config(f"{variant.kind}_{scale.preset}")
+    """The trainer config of one model: the scale's config of its kind (`scale`: the `shen`
+    section of configs/experiments.py), the variant's switches, the site's split."""
+    c = copy.deepcopy(scale[variant.kind])
     c.seed = seed
     c.data.records_dir = site.records_dir
     c.data.train_cases, c.data.val_cases = list(site.split["train"]), list(site.split["val"])
     c.model.dropout, c.model.batch_norm = variant.dropout, variant.batch_norm
     c.loss.kind = variant.loss
-    c.train.iterations = iterations or scale.iterations[variant.kind]
+    c.train.iterations = iterations or c.train.iterations
     c.train.init_from = init_from
-    if variant.kind == "fifcn" and scale.preset == "demo":
+    if variant.kind == "fifcn" and scale.fit_fifcn_volume:
         c.model.volume_size = fifcn_volume(site.records_dir, c.model.num_pools)
     return c
 
@@ -240,7 +230,7 @@ def evaluate(model_dir, site, timings, name, bcn_tile):
     csv_path = os.path.join(out_dir, "evaluation.csv")
     if os.path.exists(csv_path) and os.path.getmtime(csv_path) > os.path.getmtime(
             os.path.join(model_dir, "model.keras")):
-        return metrics.read_evaluation_csv(csv_path)[0]
+        return read_evaluation_csv(csv_path)[0]
     start = time.time()
     model, spec, info = baselines_inference.load_baseline(model_dir)
     cases = {c.case_id: c for c in discover_cases(site.data_dir, site.layout, site.layout_file)}
@@ -248,11 +238,11 @@ def evaluate(model_dir, site, timings, name, bcn_tile):
     for case_id in site.split["test"]:
         loaded = load_case(cases[case_id], info["preprocessing"]["modalities"])
         labels = baselines_inference.segment(model, spec, info, loaded, bcn_tile)
-        baselines_inference.write_segmentation(os.path.join(pred_dir, f"{case_id}_seg.nii.gz"), labels,
+        write_label_map(os.path.join(pred_dir, f"{case_id}_seg.nii.gz"), labels,
                                                loaded.geometry)
-    evaluation = metrics.evaluate_dirs(pred_dir, site.data_dir, site.layout, site.layout_file,
+    evaluation = evaluate_dirs(pred_dir, site.data_dir, site.layout, site.layout_file,
                                        workers=1, progress=False)
-    metrics.write_evaluation_csv(csv_path, evaluation.rows)
+    write_evaluation_csv(csv_path, evaluation.rows)
     seconds = time.time() - start
     timings.record(name, **{f"predict_site_{site.name}_s": seconds,
                             f"predict_site_{site.name}_per_case_s": seconds / len(evaluation.rows)})

@@ -14,6 +14,7 @@ import numpy as np
 from brats_tf.constants import MODALITIES
 from brats_tf.errors import DataError
 from brats_tf.io import layouts as layouts_lib
+from brats_tf.io.labels import map_labels
 from brats_tf.io.nifti import load_volume
 
 LAYOUT_CHOICES = ("auto", "brats2017", "brats2023", "msd")
@@ -209,18 +210,3 @@ def _check_same_grid(path, geo, ref_geo, ref_path):
     if not np.allclose(geo.affine, ref_geo.affine, atol=1e-3):
         raise DataError(path, f"affine differs from {os.path.basename(ref_path)}")
 
-
-def map_labels(raw, label_map, path="label map"):
-    """Maps on-disk label values to the internal convention; unknown values are an error."""
-    rounded = np.rint(raw)
-    if not np.allclose(raw, rounded, atol=1e-3):
-        raise DataError(path, "label map has non-integer values")
-    values = np.unique(rounded).astype(np.int64)
-    unknown = [int(v) for v in values if int(v) not in label_map]
-    if unknown:
-        raise DataError(path, f"unknown label values {unknown}; expected {sorted(label_map)}")
-    lookup = np.zeros(int(values.max(initial=0)) + 1, dtype=np.uint8)
-    for value, internal in label_map.items():
-        if value < lookup.size:
-            lookup[value] = internal
-    return lookup[rounded.astype(np.int64)]

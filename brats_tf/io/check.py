@@ -7,7 +7,8 @@ import numpy as np
 
 from brats_tf.constants import CLASS_NAMES, MODALITIES, NUM_CLASSES
 from brats_tf.errors import DataError
-from brats_tf.io.cases import discover_cases, map_labels
+from brats_tf.io.cases import discover_cases
+from brats_tf.io.labels import map_labels
 from brats_tf.io.nifti import load_volume
 
 

@@ -3,7 +3,6 @@ writes that appear only when complete."""
 
 import gzip
 import os
-import tempfile
 import zlib
 from dataclasses import dataclass
 
@@ -11,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from brats_tf.errors import DataError
+from brats_tf.io.files import atomic_write
 
 # nibabel raises a variety of exceptions for damaged files; all mean "unreadable".
 _READ_ERRORS = (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
@@ -75,32 +75,6 @@ def save_volume(path, data, geometry, dtype=None):
         header.set_data_shape(data.shape)
     img = nib.Nifti1Image(data, geometry.affine, header)
     atomic_write(path, img.to_filename)
-
-
-def atomic_write(path, write_fn):
-    """Calls write_fn(tmp_path) then renames tmp_path to path; no partial file survives."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    base = os.path.basename(path)
-    # Keep the real suffix so writers that infer the format from the name still work.
-    suffix = ".nii.gz" if base.endswith(".nii.gz") else os.path.splitext(base)[1]
-    fd, tmp = tempfile.mkstemp(prefix=f".{base}.", suffix=".tmp" + suffix, dir=directory)
-    os.close(fd)
-    try:
-        write_fn(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600; outputs are ordinary files
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _umask():
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _short(err):

@@ -1,21 +1,4 @@
-"""Keras 3 functional models (one module per family; see each module's docstring)."""
-
-from brats_tf.models.unet2d import (
-    PRESETS,
-    Filters2D,
-    build_2d_model,
-    build_2d_model_1,
-    build_2d_model_2,
-    build_subnetwork_model,
-    build_unet_axial,
-    inference_model,
-    load_subnetwork_weights,
-    output_names,
-    pooling_factor,
-)
-
-__all__ = [
-    "PRESETS", "Filters2D", "build_2d_model", "build_2d_model_1", "build_2d_model_2",
-    "build_subnetwork_model", "build_unet_axial", "inference_model",
-    "load_subnetwork_weights", "output_names", "pooling_factor",
-]
+"""Keras 3 functional models, one module per family, each with an explicit table of its kinds
+(`KINDS`): unet2d (2D model 1, 2D model 2, U-Net axial), unet3d (standard 3D, 2D-3D A, B,
+C), baselines ([S] BCN, patch FCN, FIFCN), and the shared blocks. Import the family module,
+e.g. `from brats_tf.models import unet2d`."""

@@ -35,7 +35,8 @@ import keras
 import numpy as np
 from keras import layers
 
-KINDS = ("bcn", "fcn", "fifcn")
+from brats_tf.errors import require_kind
+
 BINARY_CLASSES = 2
 BCN_INPUT, BCN_OUTPUT = 25, 9
 FCN_PATCH = 24
@@ -58,8 +59,7 @@ class BaselineSpec:
     num_pools: int = 3                 # FIFCN: poolings inside the network (after the first)
 
     def __post_init__(self):
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown baseline {self.kind!r}; use one of {KINDS}")
+        require_kind(self.kind, KINDS, "baseline")
         if self.num_classes not in (2, 4):
             raise ValueError(f"num_classes must be 2 (whole tumor) or 4, got {self.num_classes}")
         expected = {"bcn": 4, "fcn": 2, "fifcn": 5}[self.kind]
@@ -99,7 +99,7 @@ class BaselineSpec:
 
 def build_baseline(spec):
     """The Keras model of a `BaselineSpec`."""
-    return {"bcn": _build_bcn, "fcn": _build_fcn, "fifcn": _build_fifcn}[spec.kind](spec)
+    return BUILDERS[spec.kind](spec)
 
 
 def _regularizer(spec):
@@ -171,6 +171,10 @@ def _build_fifcn(spec):
         x = _deconv(x, spec.filters[max(i - 1, 0)], f"deconv{i}", spec)
         x = _after(x, f"deconv{i}", spec, dropout=False)
     return keras.Model(image, _scores(x, spec), name="fifcn")
+
+
+BUILDERS = {"bcn": _build_bcn, "fcn": _build_fcn, "fifcn": _build_fifcn}
+KINDS = tuple(BUILDERS)
 
 
 def copy_matching_weights(source, target):

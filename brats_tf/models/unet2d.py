@@ -20,11 +20,11 @@ import keras
 from keras import layers
 
 from brats_tf.constants import NUM_CLASSES
+from brats_tf.errors import require_kind
 from brats_tf.models.blocks import (SelectChannels, classifier, reduced_unet,
                                     shallow_stack, unet)
 
 ALL = "all"
-KINDS = ("model1", "model2", "unet_axial")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,8 +94,7 @@ def output_names(kind, modalities):
 
 
 def _check_kind(kind):
-    if kind not in KINDS:
-        raise ValueError(f"unknown 2D model kind {kind!r}; known: {KINDS}")
+    require_kind(kind, KINDS, "2D model")
 
 
 def _image_input(channels):
@@ -150,6 +149,7 @@ def build_unet_axial(modalities, preset="small", num_classes=NUM_CLASSES, **over
 
 BUILDERS = {"model1": build_2d_model_1, "model2": build_2d_model_2,
             "unet_axial": build_unet_axial}
+KINDS = tuple(BUILDERS)
 
 
 def build_2d_model(kind, modalities, preset="small", num_classes=NUM_CLASSES, **overrides):

@@ -47,9 +47,9 @@ import keras
 from keras import layers, ops
 
 from brats_tf.constants import NUM_CLASSES
+from brats_tf.errors import require_kind
 from brats_tf.models.blocks import SelectChannels
 
-KINDS = ("standard", "A", "B", "C")
 RECEPTIVE_FIELD = 45
 MARGIN = (RECEPTIVE_FIELD - 1) // 2   # input voxels on each side of the output block
 BODY_SHRINK = RECEPTIVE_FIELD - 3     # the final 3³ conv takes the last 2 voxels
@@ -98,8 +98,7 @@ def needs_features(kind):
 
 
 def _check_kind(kind):
-    if kind not in KINDS:
-        raise ValueError(f"unknown 3D model kind {kind!r}; known: {KINDS}")
+    require_kind(kind, KINDS, "3D model")
 
 
 @keras.saving.register_keras_serializable(package="brats_tf")
@@ -187,15 +186,32 @@ def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset
     filters = resolve_filters(preset, levels, final)
     k, f = int(num_image_channels), int(num_features)
     patch = keras.Input((input_size,) * 3 + (k + f,), name="patch")
-    image = lambda x: SelectChannels(range(k), name="image")(x)
-    if kind in ("standard", "A"):
-        merged = body(patch, filters, "stream")
-    elif kind == "B":
-        features = SelectChannels(range(k, k + f), name="features")(patch)
-        cropped = layers.Cropping3D(BODY_SHRINK // 2, name="features.crop")(features)
-        merged = layers.Concatenate(name="features.concat")([body(image(patch), filters, "stream"), cropped])
-    else:   # C: an image-only stream and an image + features stream
-        merged = layers.Concatenate(name="streams.concat")(
-            [body(image(patch), filters, "image_stream"), body(patch, filters, "feature_stream")])
+    merged = STREAMS[kind](patch, k, f, filters)
     logits = final_sequence(merged, filters, num_classes)
     return keras.Model(patch, [logits], name=f"unet3d_{kind}")
+
+
+# --- the kinds: how image (first k channels) and features (next f) reach the final sequence
+
+def _one_stream(patch, k, f, filters):
+    """Standard (image only) and A (image + features as input channels): one body."""
+    return body(patch, filters, "stream")
+
+
+def _features_before_final(patch, k, f, filters):
+    """B: the body sees the image; the features join it, centre-cropped, before the final sequence."""
+    features = SelectChannels(range(k, k + f), name="features")(patch)
+    cropped = layers.Cropping3D(BODY_SHRINK // 2, name="features.crop")(features)
+    image = SelectChannels(range(k), name="image")(patch)
+    return layers.Concatenate(name="features.concat")([body(image, filters, "stream"), cropped])
+
+
+def _two_streams(patch, k, f, filters):
+    """C: an image-only stream and an image + features stream, concatenated."""
+    image = SelectChannels(range(k), name="image")(patch)
+    return layers.Concatenate(name="streams.concat")(
+        [body(image, filters, "image_stream"), body(patch, filters, "feature_stream")])
+
+
+STREAMS = {"standard": _one_stream, "A": _one_stream, "B": _features_before_final, "C": _two_streams}
+KINDS = tuple(STREAMS)

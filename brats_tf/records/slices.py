@@ -8,10 +8,9 @@ is drawn from a generator seeded by (seed, b), so a resumed run sees the same st
 
 import numpy as np
 
-from brats_tf.constants import NUM_CLASSES
+from brats_tf.constants import NUM_CLASSES, ORIENTATIONS
 from brats_tf.records.batching import batch_dataset
 
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 # Volume axis that indexes slices: axial slices are x-y planes (fixed z), etc.
 SLICE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 

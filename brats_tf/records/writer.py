@@ -5,7 +5,6 @@ The builder reads the NIfTI folder as its manual dir (no network), and its Featu
 to `out_dir` only when complete, manifest included.
 """
 
-import json
 import os
 import shutil
 import sys
@@ -17,7 +16,7 @@ from brats_tf import preprocess
 from brats_tf.constants import MODALITIES, NUM_CLASSES
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases, load_case
-from brats_tf.io.nifti import atomic_write
+from brats_tf.io.files import write_json
 from brats_tf.records import schema
 
 MANIFEST = "manifest.json"
@@ -118,17 +117,11 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
             "num_cases": len(manifest_cases),
             "cases": manifest_cases,
         }
-        atomic_write(os.path.join(tmp_dir, MANIFEST),
-                     lambda p: _write_json(p, manifest))
+        write_json(os.path.join(tmp_dir, MANIFEST), manifest)
         _replace_dir(tmp_dir, out_dir)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
-
-
-def _write_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def _resolve_modalities(cases, requested, allow_missing):

@@ -30,7 +30,7 @@ import numpy as np
 
 from brats_tf.constants import EDEMA, ENHANCING, LABEL_MAPS, NCR_NET, NUM_CLASSES, OUTPUT_LABEL_MAPS
 from brats_tf.errors import ConfigError, DataError
-from brats_tf.io.cases import map_labels
+from brats_tf.io.labels import map_labels, write_label_map
 from brats_tf.io.nifti import load_volume, save_volume
 
 DEFAULT_THRESHOLDS = (0.4, 0.3, 0.4)   # (T_tumor, T_core, T_enh) [M] §2.3
@@ -112,8 +112,7 @@ def fuse_files(seg_paths, output_path, method="hierarchical", thresholds=DEFAULT
     else:
         labels = majority_vote(maps)
         proportions = vote_proportions(maps) if proportions_prefix else None
-    on_disk = map_labels(labels, OUTPUT_LABEL_MAPS[output_convention], output_path)
-    save_volume(output_path, on_disk.astype(np.uint8), geometry)
+    write_label_map(output_path, labels, geometry, output_convention)
     for name, values in (proportions or {}).items():
         save_volume(f"{proportions_prefix}_{name}.nii.gz", values.astype(np.float32), geometry)
     return labels

@@ -1,4 +1,4 @@
-"""Phantom anatomy, tumor and image rendering for `brats_tf.synthetic` (METHOD §10).
+"""Phantom anatomy, tumor and image rendering for `brats_tf.synthetic.generator` (METHOD §10).
 
 Tissue classes and their contrasts, smooth random fields (B-spline), the random parameters
 of a case, the head (cortex, ventricles, deep grey nuclei, vessels, look-alikes), the nested

@@ -18,112 +18,23 @@ the result is pasted back into the input's exact grid and geometry.
 import json
 import os
 import re
-import sys
-from dataclasses import dataclass, field
 
-import keras
 import numpy as np
 
-from brats_tf import ensemble, features as features_lib, inference, preprocess
-from brats_tf.constants import OUTPUT_LABEL_MAPS, REGIONS
+from brats_tf import preprocess
+from brats_tf.inference import ensemble
+from brats_tf.inference import features as features_lib
+from brats_tf.inference import predict
+from brats_tf.inference.exported import plan_models
+from brats_tf.constants import ORIENTATIONS, OUTPUT_LABEL_MAPS, REGIONS, TILE_SIZE_3D
 from brats_tf.errors import ConfigError, DataError
-from brats_tf.io.cases import Case, Source, discover_cases, load_case, map_labels
-from brats_tf.io.nifti import atomic_write, save_volume
-from brats_tf.models import unet2d, unet3d
-from brats_tf.records.slices import ORIENTATIONS
+from brats_tf.io.cases import Case, Source, discover_cases, load_case
+from brats_tf.io.labels import write_label_map
+from brats_tf.io.files import write_json
+from brats_tf.io.nifti import save_volume
+from brats_tf.models import unet3d
 
 MODALITY_FLAGS = ("t1", "t1c", "t2", "flair")
-
-
-@dataclass
-class ExportedModel:
-    """One exported model: its file, `model_info.json`, content hash; Keras model on demand."""
-    path: str
-    info: dict
-    sha256: str
-    _model: object = field(default=None, repr=False)
-
-    @property
-    def stage(self):
-        return self.info.get("stage")
-
-    @property
-    def needs_features(self):
-        return self.stage == "3d" and bool(self.info.get("num_features"))
-
-    @property
-    def keras_model(self):
-        """The network used for prediction: main logits only (auxiliary heads dropped)."""
-        if self._model is None:
-            model = keras.models.load_model(self.path)
-            self._model = inference.compiled(unet2d.inference_model(model) if self.stage == "2d" else model)
-        return self._model
-
-    def describe(self):
-        what = f"{self.stage} {self.info.get('kind')}"
-        return f"{what} {self.info.get('orientation')}" if self.stage == "2d" else what
-
-
-def load_exported(path):
-    file = features_lib.model_file(path)
-    if not os.path.isfile(file):
-        raise DataError(file, "model file not found (pass a trainer work dir or its model.keras)")
-    info = features_lib.read_model_info(file)
-    if info.get("stage") not in ("2d", "3d", "baseline"):
-        raise ConfigError(f"{file}: a {info.get('stage')!r} model cannot segment here "
-                          f"(2d, 3d and baseline models can)")
-    if info.get("stage") == "2d" and info.get("subnetwork") is not None:
-        raise ConfigError(f"{file}: a pretrained subnetwork alone, not a segmentation model")
-    if "preprocessing" not in info:
-        raise ConfigError(f"{file}: model_info.json has no preprocessing record; re-export the model")
-    return ExportedModel(file, info, features_lib.file_sha256(file))
-
-
-@dataclass
-class Plan:
-    """What to run: `final` models give label maps; `chains[i]` is the {orientation: model}
-    feature triple of final[i] (None when it takes no features)."""
-    final: list
-    chains: list
-
-
-def plan_models(paths):
-    """The models that give label maps, each with its feature chain; 2D models that only
-    feed a chain do not vote."""
-    if not paths:
-        raise ConfigError("--models: give at least one exported model")
-    loaded = load_with_chains(paths)
-    extractors = {m.sha256 for _, chain in loaded for m in (chain or {}).values()}
-    final = [(m, c) for m, c in loaded if m.sha256 not in extractors or m.stage == "3d"]
-    return Plan([m for m, _ in final], [c for _, c in final])
-
-
-def load_with_chains(paths):
-    """[(model, chain or None)] for every path, in order, each model loaded once (a 2D model
-    feeding a chain stays in the list: see `plan_models` for the voting ones)."""
-    by_hash = {}
-    models = [by_hash.setdefault(m.sha256, m) for m in map(load_exported, paths)]
-    return [(m, _find_chain(m, by_hash) if m.needs_features else None) for m in models]
-
-
-def _find_chain(model, by_hash):
-    """The three 2D models whose features a 2D-3D model was trained on."""
-    recorded = (model.info.get("features") or {}).get("models")
-    if not recorded:
-        raise ConfigError(f"{model.path}: model_info.json does not name the 2D models of its features")
-    chain = {}
-    for orientation in ORIENTATIONS:
-        wanted = recorded[orientation]
-        found = by_hash.get(wanted["sha256"])
-        if found is None and os.path.isfile(wanted["path"]) and \
-                features_lib.file_sha256(wanted["path"]) == wanted["sha256"]:
-            found = load_exported(wanted["path"])
-            by_hash[found.sha256] = found
-        if found is None:
-            raise ConfigError(f"{model.path}: needs its {orientation} 2D model (sha256 {wanted['sha256'][:12]}, "
-                              f"trained as {wanted['path']}); add it to --models")
-        chain[orientation] = found
-    return chain
 
 
 # --- input cases -------------------------------------------------------------------------------
@@ -199,7 +110,7 @@ def check_modalities(case, models):
 
 
 def predict_2d(model, image, batch_size):
-    return inference.predict_2d_logits(model.keras_model, image, model.info["orientation"],
+    return predict.predict_2d_logits(model.keras_model, image, model.info["orientation"],
                                        model.info["pooling_factor"], batch_size)
 
 
@@ -225,24 +136,22 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
             raise ConfigError(f"{model.path}: its 2D models were trained on differently prepared data "
                               f"(grid {features.shape[:3]} vs {image.shape[:3]})")
         image = np.concatenate([np.asarray(image, np.float16), features], axis=-1)
-    tile = inference.fitted_tile_size(image.shape[:3], tile_size)
-    return inference.predict_tiled_3d(model.keras_model, image, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+    tile = predict.fitted_tile_size(image.shape[:3], tile_size)
+    return predict.predict_tiled_3d(model.keras_model, image, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
 
 
 def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,
-                 save_probabilities=False, save_proportions=False, batch_size=8, tile_size=64):
+                 save_probabilities=False, save_proportions=False, batch_size=8, tile_size=TILE_SIZE_3D):
     """Segments one case with the plan's models; writes the outputs; returns their paths."""
-    check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
     if save_probabilities and any(m.stage == "baseline" for m in plan.final):
         raise ConfigError("--save_probabilities: not available with [S] baseline models")
-    inputs, feature_cache = PreparedInputs(case), {}
+    inputs = PreparedInputs(case)
     labels, probability_sum = [], None
-    for model, chain in zip(plan.final, plan.chains):
-        model_map, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache)
+    for model, model_map, logits in label_maps(inputs, plan, batch_size, tile_size):
         labels.append(model_map)
         if save_probabilities:   # a running sum keeps one full-size 4-class volume in memory
             prepared, _ = inputs.prepared(model.info["preprocessing"])
-            pasted = _paste_probabilities(inference.softmax(logits), prepared.box)
+            pasted = _paste_probabilities(predict.softmax(logits), prepared.box)
             probability_sum = pasted if probability_sum is None else probability_sum + pasted
         del logits
     fused, proportions = ensemble.hierarchical_vote(labels, thresholds) if len(labels) > 1 else \
@@ -252,7 +161,19 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
                          proportions if save_proportions else None, [m.path for m in plan.final])
 
 
-def model_labels(model, chain, inputs, batch_size=8, tile_size=64, feature_cache=None):
+def label_maps(inputs, plan, batch_size=8, tile_size=TILE_SIZE_3D):
+    """(model, label map on the original grid, logits or None) for each final model of the
+    plan, one at a time (a caller can drop each model's logits before the next), after
+    checking that the case has every modality the models and their chains need. The 2D
+    features of a chain shared by several models are computed once."""
+    check_modalities(inputs.case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    feature_cache = {}
+    for model, chain in zip(plan.final, plan.chains):
+        labels, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache)
+        yield model, labels, logits
+
+
+def model_labels(model, chain, inputs, batch_size=8, tile_size=TILE_SIZE_3D, feature_cache=None):
     """(label map on the case's original grid, logits on the cropped grid or None for an
     [S] baseline) of one final model of a plan."""
     if model.stage == "baseline":
@@ -266,7 +187,7 @@ def model_labels(model, chain, inputs, batch_size=8, tile_size=64, feature_cache
 
 def baseline_labels(model, inputs):
     """An [S] baseline's label map on the original grid (binary models write tumor as edema)."""
-    from brats_tf import baselines_inference
+    from brats_tf.inference import baselines as baselines_inference
     from brats_tf.models.baselines import BaselineSpec
     loaded = load_case(inputs.case, model.info["preprocessing"]["modalities"], with_label=False)
     inputs.geometry = inputs.geometry or loaded.geometry
@@ -292,7 +213,7 @@ def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabil
         raise ConfigError(f"label_convention={label_convention!r}: use one of {sorted(OUTPUT_LABEL_MAPS)}")
     written = {}
     seg = os.path.join(out_dir, f"{case_id}_seg.nii.gz")
-    save_volume(seg, map_labels(labels, OUTPUT_LABEL_MAPS[label_convention], seg).astype(np.uint8), geometry)
+    write_label_map(seg, labels, geometry, label_convention)
     written["seg"] = seg
     if probabilities is not None:
         written["probabilities"] = os.path.join(out_dir, f"{case_id}_probabilities.nii.gz")
@@ -306,13 +227,8 @@ def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabil
                "regions": {k: list(v) for k, v in REGIONS.items()}, "label_convention": label_convention,
                "models": models}
     written["volumes"] = os.path.join(out_dir, f"{case_id}_volumes.json")
-    atomic_write(written["volumes"], lambda p: _dump_json(p, volumes))
+    write_json(written["volumes"], volumes)
     return written
-
-
-def _dump_json(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
 
 
 def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_file=None, case_id=None,
@@ -331,5 +247,5 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
         written = segment_case(case, plan, out_dir, **options)
         results.append((case.case_id, written))
         if verbose:
-            print(f"{case.case_id}: {written['seg']}", file=sys.stderr, flush=True)
+            print(f"{case.case_id}: {written['seg']}", flush=True)
     return results

@@ -16,8 +16,9 @@ import numpy as np
 from scipy import stats as scipy_stats
 
 from brats_tf.errors import ConfigError
-from brats_tf.io.nifti import atomic_write
-from brats_tf.metrics import METRICS, format_number, read_evaluation_csv
+from brats_tf.io.files import write_text
+from brats_tf.evaluation.evaluate import format_number, read_evaluation_csv
+from brats_tf.evaluation.metrics import METRICS
 
 ALTERNATIVES = ("greater", "less", "two-sided")
 SIGNIFICANCE = 0.05
@@ -164,13 +165,8 @@ def compare_files(baseline_csv, candidate_csv, metric="Dice", alternative="great
     table = comparison_markdown(results, "baseline", "candidate")
     if out:
         text = comparison_csv_text(results) if str(out).endswith(".csv") else table
-        atomic_write(out, lambda tmp: _write_text(tmp, text))
+        write_text(out, text)
     return table
-
-
-def _write_text(path, text):
-    with open(path, "w", newline="") as f:
-        f.write(text)
 
 
 def _format_float(value):

@@ -18,13 +18,15 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import baselines_inference, losses, metrics
+from brats_tf.inference import baselines as baselines_inference
+from brats_tf.training import losses
+from brats_tf.evaluation import metrics
 from brats_tf.errors import ConfigError
 from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights, identity_batch_norm
 from brats_tf.records.patches import PatchSampler
-from brats_tf.schedules import ConstantRate
-from brats_tf.training import Trainer
-from brats_tf.training_data import load_cases
+from brats_tf.training.schedules import ConstantRate
+from brats_tf.training.loop import Trainer
+from brats_tf.training.data import load_cases
 
 LOSSES = ("cross_entropy", "dice")
 CALIBRATION_BATCHES = 4   # batches that set the statistics of BN layers added for fine-tuning
@@ -68,6 +70,7 @@ class VolumeSampler:
 
 
 class BaselineTrainer(Trainer):
+    stage = "baseline"
 
     def load_data(self, manifest):
         c = self.config

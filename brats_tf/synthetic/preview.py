@@ -17,10 +17,9 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from brats_tf.constants import CLASS_NAMES  # noqa: E402
-from brats_tf.io.nifti import atomic_write  # noqa: E402
+from brats_tf.constants import CLASS_NAMES, ORIENTATIONS  # noqa: E402
+from brats_tf.io.files import atomic_write  # noqa: E402
 
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 # Internal labels 1 (NCR/NET), 2 (edema), 3 (enhancing): red, green, yellow as in most
 # BraTS figures; opaque, so that a palette of greys plus three colours holds the picture.
 LABEL_COLORS = ((0.0, 0.0, 0.0, 0.0), (0.9, 0.1, 0.1, 1.0), (0.1, 0.75, 0.2, 1.0),

@@ -95,7 +95,7 @@ class PlateauHalvingCallback(keras.callbacks.Callback):
     values rather than epoch means. Requires `steps_per_execution=1`.
 
     Update boundaries are read from the optimizer (`iterations` of a
-    brats_tf.optim.NormalizedMomentum, which counts updates), so the callback stays
+    brats_tf.training.optim.NormalizedMomentum, which counts updates), so the callback stays
     aligned after a resume; the losses of batches waiting in the optimizer's
     accumulator are part of `get_state()` so a resume mid-accumulation loses nothing.
     At the start of training the optimizer's learning rate is set to the schedule's.

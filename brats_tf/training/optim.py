@@ -66,7 +66,7 @@ class NormalizedMomentum(keras.optimizers.Optimizer):
 
     Args:
       learning_rate: float alpha; settable between steps by assignment
-        (`opt.learning_rate = x`), which is how brats_tf.schedules drives it.
+        (`opt.learning_rate = x`), which is how brats_tf.training.schedules drives it.
       momentum: mu.
       accumulation_steps: N, batches per iteration (optimizer update).
       epsilon: added to the gradient norm.
@@ -83,7 +83,7 @@ class NormalizedMomentum(keras.optimizers.Optimizer):
             learning_rate = float(learning_rate)
         if not isinstance(learning_rate, float):
             raise ValueError("learning_rate must be a float (drive it by assignment, "
-                             "e.g. with brats_tf.schedules), not a schedule object")
+                             "e.g. with brats_tf.training.schedules), not a schedule object")
         if int(accumulation_steps) != accumulation_steps or accumulation_steps < 1:
             raise ValueError(f"accumulation_steps must be an integer >= 1, "
                              f"got {accumulation_steps}")

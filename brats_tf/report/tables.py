@@ -8,9 +8,9 @@ import math
 
 import numpy as np
 
-from brats_tf import stats
-from brats_tf.metrics import summary_rows
-from brats_tf.stats import PAPER_REGIONS
+from brats_tf.evaluation import stats
+from brats_tf.evaluation.evaluate import summary_rows
+from brats_tf.evaluation.stats import PAPER_REGIONS
 
 REGION_TITLES = {"ET": "Enhancing core (ET)", "TC": "Tumor core (TC)", "WT": "Whole tumor (WT)"}
 

@@ -16,7 +16,6 @@ stream (batch b is always drawn from seed (seed, b)), so nothing done before it 
 """
 
 import csv
-import importlib
 import json
 import math
 import os
@@ -26,33 +25,19 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from brats_tf import losses, metrics
-from brats_tf.checkpoints import CheckpointStore
+from brats_tf.training import losses
+from brats_tf.evaluation import metrics
+from brats_tf.training.checkpoints import CheckpointStore
 from brats_tf.constants import CLASS_NAMES, NUM_CLASSES
 from brats_tf.errors import ConfigError
-from brats_tf.io.nifti import atomic_write
-from brats_tf.optim import NormalizedMomentum
+from brats_tf.io.files import atomic_write, write_json
+from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.records import reader
-from brats_tf.schedules import PlateauHalving
-from brats_tf.training_data import case_split
+from brats_tf.training.schedules import PlateauHalving
+from brats_tf.training.data import case_split
 
 STRATEGIES = ("off", "mirrored", "multi_worker", "tpu")
 VAL_COLUMNS = tuple(f"val_dice_{name.replace('/', '_').replace('-', '_')}" for name in CLASS_NAMES[1:])
-
-
-# config.stage -> the Trainer subclass for it ("module:Class", imported on demand).
-TRAINERS = {
-    "2d": "brats_tf.trainer2d:Trainer2D",
-    "3d": "brats_tf.trainer3d:Trainer3D",
-    "baseline": "brats_tf.baselines_training:BaselineTrainer",
-}
-
-
-def trainer_class(stage):
-    if stage not in TRAINERS:
-        raise ConfigError(f"config.stage={stage!r}; use one of {sorted(TRAINERS)}")
-    module, name = TRAINERS[stage].split(":")
-    return getattr(importlib.import_module(module), name)
 
 
 class TrainingError(Exception):
@@ -84,13 +69,6 @@ def is_chief(strategy):
                                              and "chief" not in resolver.cluster_spec().as_dict())
 
 
-def write_json(path, obj):
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=True)
-    atomic_write(path, write)
-
-
 def record_config(workdir, config):
     """Writes the resolved config before step 0; a resumed run must use the same config
     (only the number of iterations may grow)."""
@@ -103,11 +81,13 @@ def record_config(workdir, config):
         if strip(previous) != strip(current):
             raise ConfigError(f"{path}: this work dir was started with another config; "
                               f"use a new --workdir (or the same config)")
-    write_json(path, current)
+    write_json(path, current, sort_keys=True)
 
 
 class Trainer:
     """Trains one model as its config says, in `workdir`; subclasses supply the stage hooks."""
+
+    stage = None   # the `config.stage` a subclass trains (see training/registry.py)
 
     def __init__(self, config, workdir):
         self.config, self.workdir = config, os.path.abspath(workdir)
@@ -296,7 +276,7 @@ def _raise_interrupt(signum, frame):
 def export_model(model, workdir, info):
     """`model.keras` (full training model, heads included) and `model_info.json` beside it."""
     atomic_write(os.path.join(workdir, "model.keras"), model.save)
-    write_json(os.path.join(workdir, "model_info.json"), info)
+    write_json(os.path.join(workdir, "model_info.json"), info, sort_keys=True)
 
 
 class TrainLog:

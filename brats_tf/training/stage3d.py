@@ -3,16 +3,18 @@
 
 import numpy as np
 
-from brats_tf import features as features_lib
-from brats_tf import inference
+from brats_tf.constants import ORIENTATIONS
+from brats_tf.inference import features as features_lib
+from brats_tf.inference import predict
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet3d
 from brats_tf.records.patches import SAMPLING, PatchSampler
-from brats_tf.training import Trainer
-from brats_tf.training_data import load_cases
+from brats_tf.training.loop import Trainer
+from brats_tf.training.data import load_cases
 
 
 class Trainer3D(Trainer):
+    stage = "3d"
 
     def load_data(self, manifest):
         c = self.config
@@ -50,7 +52,7 @@ class Trainer3D(Trainer):
             paths = [p.strip() for p in c.features.models.split(",")]
             if len(paths) != 3:
                 raise ConfigError("features.models: give three model dirs, axial,coronal,sagittal")
-            model_paths = dict(zip(features_lib.ORIENTATIONS, paths))
+            model_paths = dict(zip(ORIENTATIONS, paths))
         features_lib.check_request(stored, c.features.dir, c.features.kind, c.features.cross_fold, model_paths)
         records_prep = {k: manifest[k] for k in features_lib.PREPROCESSING_KEYS}
         if stored["preprocessing"] != records_prep:
@@ -80,6 +82,6 @@ class Trainer3D(Trainer):
         if self.val_features is not None:
             index = [v.case_id for v in self.val_cases].index(case.case_id)
             volume = np.concatenate([np.asarray(case.image, np.float16), self.val_features[index]], axis=-1)
-        tile = inference.fitted_tile_size(volume.shape[:3], self.config.train.tile_size)
-        logits = inference.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+        tile = predict.fitted_tile_size(volume.shape[:3], self.config.train.tile_size)
+        logits = predict.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
         return np.argmax(logits, axis=-1).astype(np.uint8)

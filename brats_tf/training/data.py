@@ -1,12 +1,11 @@
 """What a trainer trains on: the seeded case split and cases read from records."""
 
-import json
 import os
 
 import numpy as np
 
 from brats_tf.errors import ConfigError
-from brats_tf.io.nifti import atomic_write
+from brats_tf.io import splits
 from brats_tf.records import reader
 
 
@@ -15,10 +14,10 @@ def case_split(workdir, manifest, config):
 
     The split is written to `<workdir>/split.json` once and reused on every re-run.
     """
-    path = os.path.join(workdir, "split.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return json.load(f)
+    return splits.load_or_make(os.path.join(workdir, splits.SPLIT_FILE), lambda: _make_split(manifest, config))
+
+
+def _make_split(manifest, config):
     ids = sorted(c["case_id"] for c in manifest["cases"] if c["voxels_per_class"] is not None)
     if not ids:
         raise ConfigError(f"{config.data.records_dir}: no labeled cases to train on")
@@ -33,14 +32,7 @@ def case_split(workdir, manifest, config):
     unknown = sorted(set(train + val) - set(ids))
     if unknown:
         raise ConfigError(f"cases not in the labeled record set: {unknown[:5]}")
-    split = {"train": sorted(train), "val": sorted(val)}
-    atomic_write(path, lambda p: _dump(p, split))
-    return split
-
-
-def _dump(path, obj):
-    with open(path, "w") as f:
-        json.dump(obj, f, indent=1)
+    return {"train": sorted(train), "val": sorted(val)}
 
 
 def load_cases(records_dir, case_ids, channels=None, require_channels_present=False):

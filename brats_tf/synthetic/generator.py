@@ -25,11 +25,13 @@ from dataclasses import dataclass, field
 import nibabel as nib
 import numpy as np
 
-from brats_tf.constants import MODALITIES, OUTPUT_LABEL_MAPS
+from brats_tf.constants import MODALITIES
 from brats_tf.errors import ConfigError
 from brats_tf.io.cases import LoadedCase
-from brats_tf.io.nifti import Geometry, atomic_write, save_volume
-from brats_tf.phantom_anatomy import (HEAD_EXTENT_MM, TISSUE_LABELS, Head, T, add_tumor, draw_fields,
+from brats_tf.io.files import write_text
+from brats_tf.io.labels import to_output_convention
+from brats_tf.io.nifti import Geometry, save_volume
+from brats_tf.synthetic.anatomy import (HEAD_EXTENT_MM, TISSUE_LABELS, Head, T, add_tumor, draw_fields,
                                       draw_parameters, mass_effect, paint_cortex, paint_deep_structures,
                                       paint_vessels, pose_box, render_images, tumor_box, tumor_radii,
                                       voxel_axes_mm)
@@ -80,8 +82,7 @@ class Phantom:
     @property
     def seg(self):
         """Labels as stored on disk (BraTS 2017: 0, 1, 2, 4)."""
-        lookup = np.array([OUTPUT_LABEL_MAPS["brats2017"][k] for k in range(4)], np.uint8)
-        return lookup[self.label]
+        return to_output_convention(self.label, "brats2017")
 
     def as_loaded_case(self):
         image = np.stack([self.images[m].astype(np.float32) for m in MODALITIES], axis=-1)
@@ -271,7 +272,7 @@ def write_dataset(out_dir, num_cases, seed, shape=None, site="a", preview=None, 
         folders.append(folder)
     _write_manifest(out_dir, settings, max(done, int(num_cases)))
     if preview:
-        from brats_tf.preview import render_case   # matplotlib only when a picture is asked for
+        from brats_tf.synthetic.preview import render_case   # matplotlib only when a picture is asked for
         first = synthesize_case(seed, 0, shape, site_obj.name)
         spacing = "x".join(f"{s:g}" for s in settings["spacing_mm"])
         render_case(first.as_loaded_case(), preview, caption=f"{first.case_id}: phantom, seed {seed}, site "
@@ -280,11 +281,7 @@ def write_dataset(out_dir, num_cases, seed, shape=None, site="a", preview=None, 
 
 
 def _write_manifest(out_dir, settings, num_cases):
-    def write(path):
-        with open(path, "w") as f:
-            json.dump(dict(settings, num_cases=num_cases), f, indent=2)
-            f.write("\n")
-    atomic_write(os.path.join(out_dir, MANIFEST_NAME), write)
+    write_text(os.path.join(out_dir, MANIFEST_NAME), json.dumps(dict(settings, num_cases=num_cases), indent=2) + "\n")
 
 
 def _progress(items, enabled, unit):

@@ -9,9 +9,9 @@ import textwrap
 import numpy as np
 from matplotlib.figure import Figure
 
-from brats_tf.io.nifti import atomic_write
-from brats_tf.report_figures import save
-from brats_tf.report_tables import markdown_table
+from brats_tf.io.files import atomic_write
+from brats_tf.report.figures import save
+from brats_tf.report.tables import markdown_table
 
 HISTOGRAM_BINS = np.linspace(0.0, 1.0, 21)
 

@@ -14,9 +14,9 @@ from matplotlib.patches import Patch
 from matplotlib.ticker import NullFormatter
 
 from brats_tf.constants import CLASS_NAMES
-from brats_tf.io.nifti import atomic_write
-from brats_tf.report_tables import REGION_TITLES
-from brats_tf.stats import PAPER_REGIONS
+from brats_tf.io.files import atomic_write
+from brats_tf.report.tables import REGION_TITLES
+from brats_tf.evaluation.stats import PAPER_REGIONS
 
 FONT = {"title": 13, "label": 12, "tick": 10, "legend": 10}
 # Tumor classes in the usual BraTS viewer colours: NCR/NET red, edema green, enhancing yellow.

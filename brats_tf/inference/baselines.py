@@ -23,9 +23,8 @@ import keras
 import numpy as np
 
 from brats_tf import preprocess
-from brats_tf.constants import EDEMA, OUTPUT_LABEL_MAPS
-from brats_tf.inference import main_logits, predict_tiled_3d
-from brats_tf.io.nifti import save_volume
+from brats_tf.constants import EDEMA
+from brats_tf.inference.predict import main_logits, predict_tiled_3d
 from brats_tf.models.baselines import BCN_INPUT, BCN_OUTPUT, BaselineSpec
 
 BCN_CONTEXT = BCN_INPUT - BCN_OUTPUT   # 16 voxels of context around any output block
@@ -127,11 +126,3 @@ def segment(model, spec, info, loaded, bcn_max_tile=BCN_OUTPUT):
     labels = to_internal_labels(classes, spec.num_classes)
     labels[~prepared.brain] = 0
     return preprocess.paste(labels, prepared.box)
-
-
-def write_segmentation(path, labels, geometry, convention="brats2017"):
-    """Writes an internal-convention label map in an output convention, atomically."""
-    lookup = np.zeros(max(OUTPUT_LABEL_MAPS[convention]) + 1, np.uint8)
-    for internal, value in OUTPUT_LABEL_MAPS[convention].items():
-        lookup[internal] = value
-    save_volume(path, lookup[labels], geometry, dtype=np.uint8)

@@ -19,7 +19,6 @@ each model's work dir); other cases (validation, test) from the main models.
 `write_fold_splits` prepares those work dirs (the 2D trainer reuses a split.json it finds).
 """
 
-import hashlib
 import json
 import os
 import sys
@@ -27,14 +26,15 @@ import sys
 import keras
 import numpy as np
 
-from brats_tf import inference
-from brats_tf.constants import CLASS_NAMES
+from brats_tf.inference import predict
+from brats_tf.inference.exported import describe_model, file_sha256, model_file, read_model_info, trained_cases
+from brats_tf.constants import CLASS_NAMES, ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.manifest import read_manifest
-from brats_tf.io.nifti import atomic_write
+from brats_tf.io import splits
+from brats_tf.io.files import atomic_write, write_json
 from brats_tf.models import unet2d
 from brats_tf.records import reader
-from brats_tf.records.slices import ORIENTATIONS
 
 MANIFEST = "features_manifest.json"
 FORMAT_VERSION = 1
@@ -44,51 +44,6 @@ PREPROCESSING_KEYS = ("normalization", "median_scale", "crop_margin", "modalitie
 
 def channel_names(num_classes=len(CLASS_NAMES)):
     return [f"{o}:{CLASS_NAMES[c] if c < len(CLASS_NAMES) else c}" for o in ORIENTATIONS for c in range(num_classes)]
-
-
-def model_file(path):
-    """A trainer work dir's `model.keras`, or the file itself."""
-    path = os.path.abspath(os.fspath(path))
-    return os.path.join(path, "model.keras") if os.path.isdir(path) else path
-
-
-def file_sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def read_model_info(path):
-    """`model_info.json` beside a model file (what the trainer exported with it)."""
-    info_path = os.path.join(os.path.dirname(model_file(path)), "model_info.json")
-    try:
-        with open(info_path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(info_path, "no model_info.json beside the model; export it with brats_tf.train") from None
-    except json.JSONDecodeError as err:
-        raise DataError(info_path, f"not valid JSON ({err.msg})") from None
-
-
-def trained_cases(path):
-    """Case ids a model was trained on (its work dir's split.json), or None if unknown."""
-    split = os.path.join(os.path.dirname(model_file(path)), "split.json")
-    if not os.path.isfile(split):
-        return None
-    with open(split) as f:
-        return set(json.load(f)["train"])
-
-
-def describe_model(path):
-    """What the manifest says about one 2D model."""
-    file = model_file(path)
-    if not os.path.isfile(file):
-        raise DataError(file, "model file not found")
-    info = read_model_info(file)
-    return {"path": file, "sha256": file_sha256(file), "kind": info.get("kind"),
-            "orientation": info.get("orientation"), "iterations": info.get("iterations")}
 
 
 class FeatureExtractor:
@@ -119,14 +74,14 @@ class FeatureExtractor:
     def _model(self, orientation):
         if orientation not in self.models:   # loaded on first use
             full = keras.models.load_model(self.descriptions[orientation]["path"])
-            self.models[orientation] = inference.compiled(unet2d.inference_model(full))
+            self.models[orientation] = predict.compiled(unet2d.inference_model(full))
         return self.models[orientation]
 
     def extract(self, image):
         """12 pre-softmax channels (float32) for an image holding `self.modalities` in order."""
         maps = []
         for orientation in ORIENTATIONS:
-            maps.append(inference.predict_2d_logits(
+            maps.append(predict.predict_2d_logits(
                 self._model(orientation), image, orientation,
                 self.infos[orientation]["pooling_factor"], self.batch_size))
         return np.concatenate(maps, axis=-1)
@@ -254,10 +209,7 @@ def _save_npy(path, array):
 
 
 def _write_manifest(out_dir, manifest):
-    def write(p):
-        with open(p, "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-    atomic_write(os.path.join(out_dir, MANIFEST), write)
+    write_json(os.path.join(out_dir, MANIFEST), manifest, sort_keys=True)
 
 
 # --- loading for the 3D stage -----------------------------------------------------------------
@@ -313,38 +265,19 @@ def load_features(features_dir, case_ids, shapes=None):
     return loaded
 
 
-def fold_train_cases(case_ids, num_folds, seed=0):
-    """For cross-fold extraction: the training-case list of each fold's 2D models (each
-    leaves one seeded fold of the sorted ids out)."""
-    ids = sorted(case_ids)
-    if not 2 <= num_folds <= len(ids):
-        raise ConfigError(f"num_folds={num_folds}: need 2 <= folds <= {len(ids)} cases")
-    order = np.random.default_rng(seed).permutation(len(ids))
-    held_out = [set(order[k::num_folds].tolist()) for k in range(num_folds)]
-    return [[ids[i] for i in range(len(ids)) if i not in fold] for fold in held_out]
-
-
 def write_fold_splits(main_model_dir, fold_root, num_folds, seed=0):
     """Prepares the work dirs of the cross-fold 2D models: `<fold_root>/fold<k>/<orientation>/
     split.json`, which the 2D trainer then uses as is. Fold k trains on the main models'
     training cases minus fold k (and never on their validation cases). Returns the fold dirs,
     for `extract_features(fold_models=...)` once they are trained."""
-    split_path = os.path.join(os.path.dirname(model_file(main_model_dir)), "split.json")
-    if not os.path.isfile(split_path):
-        raise DataError(split_path, "no split.json: pass the main 2D model's work dir")
-    with open(split_path) as f:
-        main_split = json.load(f)
+    main_dir = os.path.dirname(model_file(main_model_dir))
+    main_split = splits.read_split(main_dir)
+    if main_split is None:
+        raise DataError(os.path.join(main_dir, splits.SPLIT_FILE), "no split.json: pass the main 2D model's work dir")
     folds = []
-    for k, train in enumerate(fold_train_cases(main_split["train"], num_folds, seed)):
+    for k, train in enumerate(splits.fold_train_cases(main_split["train"], num_folds, seed)):
         folder = os.path.join(os.path.abspath(fold_root), f"fold{k}")
         for orientation in ORIENTATIONS:
-            split = {"train": train, "val": sorted(main_split["val"])}
-            atomic_write(os.path.join(folder, orientation, "split.json"),
-                         lambda p: _write_text(p, json.dumps(split, indent=1)))
+            splits.write_split(os.path.join(folder, orientation), {"train": train, "val": sorted(main_split["val"])})
         folds.append(folder)
     return folds
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)

@@ -27,14 +27,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from brats_tf import report_figures, report_tables, stats
-from brats_tf.constants import CLASS_NAMES, LABEL_MAPS
+from brats_tf.report import figures
+from brats_tf.report import tables
+from brats_tf.evaluation import stats
+from brats_tf.constants import CLASS_NAMES, LABEL_MAPS, ORIENTATIONS
 from brats_tf.errors import DataError
-from brats_tf.io.cases import map_labels
-from brats_tf.io.nifti import atomic_write, load_volume
-from brats_tf.metrics import read_evaluation_csv
+from brats_tf.io.labels import map_labels
+from brats_tf.io.files import write_text
+from brats_tf.io.nifti import load_volume
+from brats_tf.evaluation.evaluate import read_evaluation_csv
 
-ORIENTATIONS = ("axial", "coronal", "sagittal")
 
 
 @dataclass
@@ -88,46 +90,46 @@ def write_report(out_dir, evaluations, comparisons=(), training_logs=None, overl
     sections += list(notes)
     path = os.path.join(out_dir, "report.md")
     text = "\n".join(sections)
-    atomic_write(path, lambda tmp: _write_text(tmp, text))
+    write_text(path, text)
     return path
 
 
 def _tables_section(evaluations, tested, final_model, regions):
     parts = ["## Mean Dice per model (Tables 1-3)\n",
              "Mean Dice x 100 over the cases of each evaluation.\n",
-             report_tables.mean_dice_table(evaluations, regions)]
+             tables.mean_dice_table(evaluations, regions)]
     if tested:
         parts += ["## Paired tests (Table 4)\n",
                   "p-values of paired one-tailed t-tests (candidate better than baseline) of per-case Dice, "
                   "cases joined by id; **bold**: significant at 5%.\n",
-                  report_tables.pvalue_table(tested, regions, "t"),
+                  tables.pvalue_table(tested, regions, "t"),
                   "Wilcoxon signed-rank test, same pairs and alternative:\n",
-                  report_tables.pvalue_table(tested, regions, "wilcoxon"),
+                  tables.pvalue_table(tested, regions, "wilcoxon"),
                   "Mean per-case Dice difference (candidate - baseline) x 100:\n",
-                  report_tables.mean_difference_table(tested, regions)]
+                  tables.mean_difference_table(tested, regions)]
     parts += [f"## Distribution of Dice scores: {final_model} (Table 6)\n",
               "Dice x 100; standard deviation in brackets.\n",
-              report_tables.distribution_table(evaluations[final_model], regions)]
+              tables.distribution_table(evaluations[final_model], regions)]
     return "\n".join(parts)
 
 
 def _figures_section(out_dir, evaluations, training_logs, overlays, feature_maps, regions):
     parts = ["## Figures\n", "### Dice per case\n"]
-    report_figures.dice_boxplots(evaluations, os.path.join(out_dir, "dice_boxplots.png"), regions)
+    figures.dice_boxplots(evaluations, os.path.join(out_dir, "dice_boxplots.png"), regions)
     parts.append("![Dice per case and model](dice_boxplots.png)\n")
     if training_logs:
         parts.append("### Training curves (Fig. 8)\n")
         for model, log_path in training_logs.items():
             name = f"training_{_slug(model)}.png"
-            report_figures.training_curves(read_training_log(log_path), os.path.join(out_dir, name), model)
+            figures.training_curves(read_training_log(log_path), os.path.join(out_dir, name), model)
             parts.append(f"![Training of {model}]({name})\n")
     if overlays:
         cases = [_load_overlay(overlay) for overlay in overlays]
-        report_figures.segmentation_overlays(cases, os.path.join(out_dir, "segmentations.png"))
+        figures.segmentation_overlays(cases, os.path.join(out_dir, "segmentations.png"))
         parts += ["### Segmentations (Fig. 11)\n", "![Segmentations per model](segmentations.png)\n"]
     if feature_maps:
         cases = [_load_features(item) for item in feature_maps]
-        report_figures.feature_maps(cases, os.path.join(out_dir, "feature_maps.png"))
+        figures.feature_maps(cases, os.path.join(out_dir, "feature_maps.png"))
         parts += ["### 2D feature maps (Fig. 10)\n", "![2D features](feature_maps.png)\n"]
     return "\n".join(parts)
 
@@ -191,8 +193,8 @@ def _load_features(item):
     groups += tuple(f"group {g}" for g in range(len(groups), features.shape[-1] // per_group))
     z = item.axial_slice
     if z is None:
-        z = (report_figures.best_axial_slice(_volume(item.reference)) if item.reference is not None
-             else report_figures.most_varied_axial_slice(features))
+        z = (figures.best_axial_slice(_volume(item.reference)) if item.reference is not None
+             else figures.most_varied_axial_slice(features))
     return item.case_id, features, groups, tuple(item.channel_names), _volume(item.image), int(z)
 
 
@@ -204,8 +206,3 @@ def _volume(source):
 
 def _slug(name):
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower() or "model"
-
-
-def _write_text(path, text):
-    with open(path, "w") as f:
-        f.write(text)

@@ -5,15 +5,17 @@ import os
 
 import keras
 
-from brats_tf import inference, losses
+from brats_tf.inference import predict
+from brats_tf.training import losses
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet2d
 from brats_tf.records.slices import SliceSampler
-from brats_tf.training import Trainer
-from brats_tf.training_data import load_cases
+from brats_tf.training.loop import Trainer
+from brats_tf.training.data import load_cases
 
 
 class Trainer2D(Trainer):
+    stage = "2d"
 
     def load_data(self, manifest):
         c = self.config
@@ -69,7 +71,7 @@ class Trainer2D(Trainer):
 
     def predict_labels(self, case):
         model = self.model if self.model_spec["subnetwork"] is not None else unet2d.inference_model(self.model)
-        return inference.predict_2d_labels(model, case.image, self.config.data.orientation,
+        return predict.predict_2d_labels(model, case.image, self.config.data.orientation,
                                            self.model_spec["pooling_factor"])
 
 

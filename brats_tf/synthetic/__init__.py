@@ -1,0 +1,1 @@
+"""Synthetic BraTS-like phantoms: the generator, its anatomy and previews."""
