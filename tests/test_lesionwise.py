@@ -1,7 +1,10 @@
 """Lesion-wise BraTS metrics: hand-computed cases for both rule sets, then agreement with
 the organisers' `brats-evaluation` package (test-only, AGPL, never imported by the library)
-on synthetic multi-lesion label maps and on the real peer segmentations in ../shared."""
+on synthetic multi-lesion label maps and on the real peer segmentations in ../shared, both
+on arrays and through `evaluate` (files on disk -> the evaluation CSV), and of the CSV's
+summary rows with the package's own summary."""
 
+import json
 import math
 import subprocess
 import sys
@@ -15,7 +18,9 @@ from scipy import ndimage
 from brats_tf.constants import LABEL_MAPS
 from brats_tf.evaluation.lesionwise import (COLUMNS, REGIONS_BY_RULES, columns, lesionwise_metrics,
                                             region_lesionwise)
+from brats_tf.evaluation import evaluate
 from brats_tf.evaluation.metrics import hd95
+from brats_tf.inference.ensemble import hierarchical_vote
 from brats_tf.io.cases import map_labels
 from tests.conftest import REPO, shared_data
 
@@ -65,22 +70,22 @@ def assert_close(actual, expected, tol=1e-9):
 
 PERFECT = (cube(2), cube(2),
            # One 64-voxel lesion on both sides, identical.
-           dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=1.0, TP=1, FP=0, FN=0),
-           dict(LesionDice=1.0, LesionHD95=0.0, TP=1, FP=0, FN=0))
+           dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=1.0, LesionTP=1, LesionFP=0, LesionFN=0),
+           dict(LesionDice=1.0, LesionHD95=0.0, LesionTP=1, LesionFP=0, LesionFN=0))
 
 MISSED = (cube(1), cube(1) | cube(15),
           # Reference lesions A (x 1..4) and B (x 15..18); only A predicted, exactly.
           # 2026: mean over matched pairs only -> Dice 1; B counts as FN; F1 = 1 / (1 + 0.5).
           # 2023: gap 10 voxels > 2x3 dilation, so A and B stay apart; both 64 mm^3 > 50;
           #       Dice (1 + 0) / 2, HD95 (0 + 374) / 2.
-          dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=2 / 3, TP=1, FP=0, FN=1),
-          dict(LesionDice=0.5, LesionHD95=187.0, TP=1, FP=0, FN=1))
+          dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=2 / 3, LesionTP=1, LesionFP=0, LesionFN=1),
+          dict(LesionDice=0.5, LesionHD95=187.0, LesionTP=1, LesionFP=0, LesionFN=1))
 
 SPURIOUS = (cube(1) | cube(15), cube(1),
             # Prediction adds lesion B nowhere near the reference.
             # 2026: FP only in the counts; 2023: B adds a 0 Dice and a 374 HD95 to the means.
-            dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=2 / 3, TP=1, FP=1, FN=0),
-            dict(LesionDice=0.5, LesionHD95=187.0, TP=1, FP=1, FN=0))
+            dict(LesionDice=1.0, LesionHD95=0.0, LesionNSD=1.0, LesionF1=2 / 3, LesionTP=1, LesionFP=1, LesionFN=0),
+            dict(LesionDice=0.5, LesionHD95=187.0, LesionTP=1, LesionFP=1, LesionFN=0))
 
 SPLIT = (line((2, 7), (9, 11)), line((2, 11)),
          # Reference R: x 2..11 (10 voxels). Prediction: P1 x 2..7 (6), P2 x 9..11 (3).
@@ -90,39 +95,39 @@ SPLIT = (line((2, 7), (9, 11)), line((2, 11)),
          # NSD (tol 1): R->P1 7/10 within, P1->R 6/6: (0.7 + 1) / 2 = 0.85.
          # 2023: every lesion is 10 mm^3 <= 50, so nothing is scored, and P1, P2 touch R's
          # dilation so they are not FP: empty score -> Dice 1, HD95 0.
-         dict(LesionDice=0.75, LesionHD95=3.25, LesionNSD=0.85, LesionF1=2 / 3, TP=1, FP=1, FN=0),
-         dict(LesionDice=1.0, LesionHD95=0.0, TP=0, FP=0, FN=0))
+         dict(LesionDice=0.75, LesionHD95=3.25, LesionNSD=0.85, LesionF1=2 / 3, LesionTP=1, LesionFP=1, LesionFN=0),
+         dict(LesionDice=1.0, LesionHD95=0.0, LesionTP=0, LesionFP=0, LesionFN=0))
 
 MERGED = (line((2, 9)), line((2, 5), (7, 9)),
           # Reference R1: x 2..5 (4), R2: x 7..9 (3). Prediction P: x 2..9 (8), bridging them.
           # Dice(R1,P) = 8/12 = 2/3 > Dice(R2,P) = 6/11: R1-P match, R2 is FN.
           # R1->P: four 0; P->R1: four 0, 1, 2, 3, 4. Pooled 12: eight 0, 1, 2, 3, 4;
           # index 0.95*11 = 10.45: 3 + 0.45 = 3.45. NSD: R1 4/4, P 5/8 within 1: 0.8125.
-          dict(LesionDice=2 / 3, LesionHD95=3.45, LesionNSD=0.8125, LesionF1=2 / 3, TP=1, FP=0, FN=1),
-          dict(LesionDice=1.0, LesionHD95=0.0, TP=0, FP=0, FN=0))
+          dict(LesionDice=2 / 3, LesionHD95=3.45, LesionNSD=0.8125, LesionF1=2 / 3, LesionTP=1, LesionFP=0, LesionFN=1),
+          dict(LesionDice=1.0, LesionHD95=0.0, LesionTP=0, LesionFP=0, LesionFN=0))
 
 BOTH_EMPTY = (np.zeros(SHAPE, bool), np.zeros(SHAPE, bool),
               # 2026: the gli config's "no instances" case is NaN for every score.
               # 2023: empty denominator -> Dice 1, HD95 0.
-              dict(LesionDice=NAN, LesionHD95=NAN, LesionNSD=NAN, LesionF1=NAN, TP=0, FP=0, FN=0),
-              dict(LesionDice=1.0, LesionHD95=0.0, TP=0, FP=0, FN=0))
+              dict(LesionDice=NAN, LesionHD95=NAN, LesionNSD=NAN, LesionF1=NAN, LesionTP=0, LesionFP=0, LesionFN=0),
+              dict(LesionDice=1.0, LesionHD95=0.0, LesionTP=0, LesionFP=0, LesionFN=0))
 
 PRED_EMPTY = (np.zeros(SHAPE, bool), cube(2),
               # 2026: zero TP with a reference -> Dice 0, NSD 0, HD95 inf, F1 0.
               # 2023: the 64 mm^3 lesion is missed -> Dice 0 / 1, HD95 374 / 1.
-              dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, TP=0, FP=0, FN=1),
-              dict(LesionDice=0.0, LesionHD95=374.0, TP=0, FP=0, FN=1))
+              dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, LesionTP=0, LesionFP=0, LesionFN=1),
+              dict(LesionDice=0.0, LesionHD95=374.0, LesionTP=0, LesionFP=0, LesionFN=1))
 
 REF_EMPTY = (cube(2), np.zeros(SHAPE, bool),
              # 2026: as above with one FP. 2023: one FP -> Dice 0 / 1, HD95 374 / 1.
-             dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, TP=0, FP=1, FN=0),
-             dict(LesionDice=0.0, LesionHD95=374.0, TP=0, FP=1, FN=0))
+             dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, LesionTP=0, LesionFP=1, LesionFN=0),
+             dict(LesionDice=0.0, LesionHD95=374.0, LesionTP=0, LesionFP=1, LesionFN=0))
 
 DISJOINT = (cube(15), cube(1),
             # Both non-empty, no overlap: 2026 zero TP -> 0 / inf; 2023 one FN (0, 374) and
             # one FP (0, 374): Dice 0 / 2, HD95 (374 + 374) / 2.
-            dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, TP=0, FP=1, FN=1),
-            dict(LesionDice=0.0, LesionHD95=374.0, TP=0, FP=1, FN=1))
+            dict(LesionDice=0.0, LesionHD95=INF, LesionNSD=0.0, LesionF1=0.0, LesionTP=0, LesionFP=1, LesionFN=1),
+            dict(LesionDice=0.0, LesionHD95=374.0, LesionTP=0, LesionFP=1, LesionFN=1))
 
 HAND_CASES = {"perfect": PERFECT, "missed": MISSED, "spurious": SPURIOUS, "split": SPLIT, "merged": MERGED,
               "both_empty": BOTH_EMPTY, "pred_empty": PRED_EMPTY, "ref_empty": REF_EMPTY, "disjoint": DISJOINT}
@@ -153,11 +158,11 @@ def test_brats2023_merges_close_reference_lesions():
     # brats2026 keeps them apart: one exact match (Dice 1) and one FN.
     pred, ref = cube(2), cube(2) | cube(8)
     result = region_lesionwise(pred, ref, rules="brats2023")
-    assert (result["TP"], result["FP"], result["FN"]) == (1, 0, 0)
+    assert (result["LesionTP"], result["LesionFP"], result["LesionFN"]) == (1, 0, 0)
     assert result["LesionDice"] == pytest.approx(2 / 3)
     assert result["LesionHD95"] == pytest.approx(hd95(pred, ref))
     result = region_lesionwise(pred, ref, rules="brats2026")
-    assert (result["TP"], result["FP"], result["FN"], result["LesionDice"]) == (1, 0, 1, 1.0)
+    assert (result["LesionTP"], result["LesionFP"], result["LesionFN"], result["LesionDice"]) == (1, 0, 1, 1.0)
 
 
 def test_brats2023_volume_threshold_is_in_mm3():
@@ -165,8 +170,8 @@ def test_brats2023_volume_threshold_is_in_mm3():
     ref, pred = cube(2, size=3), np.zeros(SHAPE, bool)
     small = region_lesionwise(pred, ref, (1.0, 1.0, 1.0), rules="brats2023")
     large = region_lesionwise(pred, ref, (2.0, 2.0, 2.0), rules="brats2023")
-    assert (small["LesionDice"], small["LesionHD95"], small["FN"]) == (1.0, 0.0, 0)
-    assert (large["LesionDice"], large["LesionHD95"], large["FN"]) == (0.0, 374.0, 1)
+    assert (small["LesionDice"], small["LesionHD95"], small["LesionFN"]) == (1.0, 0.0, 0)
+    assert (large["LesionDice"], large["LesionHD95"], large["LesionFN"]) == (0.0, 374.0, 1)
 
 
 def test_nsd_tolerance_defaults_to_smallest_spacing():
@@ -207,8 +212,8 @@ def test_module_imports_neither_tensorflow_nor_keras():
 
 GROUPS = {"ET": "et", "WT": "wt", "TC": "tc", "NETC": "netc", "SNFH": "snfh"}
 OFFICIAL_KEYS = {"LesionDice": "sq_dsc", "LesionHD95": "sq_hd95", "LesionNSD": "sq_nsd", "LesionF1": "rq",
-                 "TP": "tp", "FP": "fp", "FN": "fn"}
-TOLERANCE = {"LesionDice": 1e-6, "LesionF1": 1e-6, "LesionHD95": 0.01, "LesionNSD": 0.01, "TP": 0, "FP": 0, "FN": 0}
+                 "LesionTP": "tp", "LesionFP": "fp", "LesionFN": "fn"}
+TOLERANCE = {"LesionDice": 1e-6, "LesionF1": 1e-6, "LesionHD95": 0.01, "LesionNSD": 0.01, "LesionTP": 0, "LesionFP": 0, "LesionFN": 0}
 
 
 @pytest.fixture(scope="module")
@@ -296,7 +301,7 @@ def test_synthetic_cases_match_official(official, spacing):
         pred, ref = synthetic_case(seed)
         ours = lesionwise_metrics(pred, ref, spacing)
         assert_agrees(ours, official_row(evaluator, pred, ref, spacing))
-        totals += [sum(ours[f"{c}_{r}"] for r in GROUPS) for c in ("TP", "FP", "FN")]
+        totals += [sum(ours[f"{c}_{r}"] for r in GROUPS) for c in ("LesionTP", "LesionFP", "LesionFN")]
     assert (totals > 0).all(), "the synthetic cases should hold matched, spurious and missed lesions"
 
 
@@ -334,3 +339,90 @@ def test_peer_segmentations_match_official(official):
     for ref_name, pred_name in pairs:
         pred, ref = peers[pred_name], peers[ref_name]
         assert_agrees(lesionwise_metrics(pred, ref, spacing), official_row(evaluator, pred, ref, spacing))
+
+
+# ---------------------------------------------------------------------------------
+# The same agreement through `evaluate`: label files on disk -> run_evaluation (parallel
+# workers, lesion-wise metrics) -> the CSV read back, against the package on the arrays.
+
+INTERNAL_TO_2017 = np.array([0, 1, 2, 4], np.uint8)
+
+
+def evaluate_folders(tmp_path, cases, affine):
+    """Writes {case_id: (pred, ref)} as flat folders, runs the evaluation, returns its CSV rows by case."""
+    for side, index in (("pred", 0), ("ref", 1)):
+        (tmp_path / side).mkdir()
+        for case_id, maps in cases.items():
+            nib.save(nib.Nifti1Image(INTERNAL_TO_2017[maps[index]], affine), tmp_path / side / f"{case_id}.nii.gz")
+    evaluate.run_evaluation(tmp_path / "eval.csv", pred_dir=tmp_path / "pred", ref_dir=tmp_path / "ref",
+                            layout="flat", workers=2, progress=False, metrics="all")
+    rows, _ = evaluate.read_evaluation_csv(tmp_path / "eval.csv")
+    return {row["Label"]: row for row in rows}
+
+
+def test_evaluate_path_matches_official_on_synthetic_cases(official, tmp_path):
+    _, evaluator = official
+    spacing = (0.75, 1.25, 2.5)                   # anisotropic, exact in the NIfTI header's float32
+    cases = {f"seed{seed}": synthetic_case(seed) for seed in range(4, 8)}
+    rows = evaluate_folders(tmp_path, cases, np.diag(spacing + (1.0,)))
+    for case_id, (pred, ref) in cases.items():
+        assert_agrees(rows[case_id], official_row(evaluator, pred, ref, spacing))
+
+
+def test_evaluate_path_matches_official_on_peers_vs_hierarchical_fusion(official, tmp_path):
+    # Each of the five TCGA peer segmentations against the toolkit's fusion of all five
+    # (the paper's hierarchical vote, default thresholds), evaluated from files.
+    _, evaluator = official
+    folder = shared_data("tcga_peer_segmentations", "TCGA-DU-7294", "peer_segmentations")
+    images = {p.name.split(".")[0]: nib.load(p) for p in sorted(folder.glob("*.nii.gz"))}
+    peers = {name: map_labels(np.asanyarray(image.dataobj), LABEL_MAPS["brats2017"], name)
+             for name, image in images.items()}
+    fused, _ = hierarchical_vote(list(peers.values()), with_proportions=False)
+    first = next(iter(images.values()))
+    rows = evaluate_folders(tmp_path, {name: (peer, fused) for name, peer in peers.items()}, first.affine)
+    assert len(rows) == 5
+    spacing = first.header.get_zooms()
+    for name, peer in peers.items():
+        assert_agrees(rows[name], official_row(evaluator, peer, fused, spacing))
+    unmatched = sum(row[f"{kind}_{region}"] for row in rows.values() for kind in ("LesionFP", "LesionFN") for region in GROUPS)
+    assert unmatched > 0, "the peers should miss or add some lesions of the fusion"
+
+
+def test_summary_rows_follow_the_official_summary(official, tmp_path):
+    # brats-parse-metrics writes per-case rows, then pandas mean / std / median rows that
+    # skip NaN and keep inf; the evaluation CSV's Mean / StdDev / Median must be the same.
+    brats_evaluation, evaluator = official
+    from brats_evaluation.metrics_parser import parse_seg_results
+    cases = {name: (edema(HAND_CASES[name][0]), edema(HAND_CASES[name][1])) for name in ("perfect", "disjoint")}
+    cases.update({f"seed{seed}": synthetic_case(seed) for seed in (0, 1)})
+    report = {"metrics": [], "missings": []}
+    ours = []
+    for case_id, (pred, ref) in cases.items():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            results = evaluator.evaluate(pred, ref, voxelspacing=(1.0, 1.0, 1.0))
+        report["metrics"].append({**{k: r.to_dict(True) for k, r in results.items()}, "subject_name": case_id})
+        ours.append({"Label": case_id, **lesionwise_metrics(pred, ref)})
+    # numpy scalars to Python numbers (inf stays inf: JSON's Infinity, as the package writes it)
+    (tmp_path / "report.json").write_text(json.dumps(report, default=lambda value: value.item()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # pandas' std of a column holding inf
+        parse_seg_results(str(tmp_path / "report.json"), str(tmp_path / "official.csv"))
+    theirs = {row["subject_id"]: row for row in _read_official_csv(tmp_path / "official.csv")}
+    summary = {row["Label"]: row for row in evaluate.summary_rows(ours, COLUMNS)}
+    assert math.isinf(summary["Mean"]["LesionHD95_WT"]), "a case without a matched WT lesion"
+    official_columns = {"LesionDice": "lesionwise_dsc_mean", "LesionHD95": "lesionwise_hd95_mean",
+                        "LesionNSD": "lesionwise_nsd_mean", "LesionF1": "all_instance_f1",
+                        "LesionTP": "all_instance_tp", "LesionFP": "all_instance_fp", "LesionFN": "all_instance_fn"}
+    for label, their_label in (("Mean", "mean"), ("StdDev", "std"), ("Median", "median")):
+        for region, group in GROUPS.items():
+            for metric, key in official_columns.items():
+                got, expected = summary[label][f"{metric}_{region}"], theirs[their_label][f"{key}_{group}"]
+                assert got == pytest.approx(expected, rel=1e-9, abs=1e-12, nan_ok=True), (label, metric, region)
+
+
+def _read_official_csv(path):
+    import csv
+    with open(path, newline="") as f:
+        return [{k: (v if k == "subject_id" else float(v) if v else math.nan) for k, v in row.items()}
+                for row in csv.DictReader(f)]

@@ -187,6 +187,51 @@ def test_evaluation_csv_round_trip(tmp_path):
     assert not list(tmp_path.glob(".*tmp*"))     # no temp file left behind
 
 
+def test_summary_rows_leave_nan_out_and_keep_inf():
+    # The organisers' summary (pandas, skipna): NaN (region empty in both masks) is left out;
+    # inf (lesion-wise HD95 without a matched lesion) makes the Mean inf and the StdDev NaN,
+    # and sorts last for the Median and the quantiles.
+    rows = [{"Label": f"c{i}", "hd95": h, "dice": d, "empty": math.nan}
+            for i, (h, d) in enumerate([(2.0, 1.0), (math.inf, 0.0), (4.0, math.nan), (math.nan, 0.5)])]
+    summary = {row["Label"]: row for row in evaluate.summary_rows(rows, ["hd95", "dice", "empty"])}
+    hd95 = {label: row["hd95"] for label, row in summary.items()}      # over 2, 4, inf
+    assert hd95["Mean"] == math.inf and math.isnan(hd95["StdDev"])
+    assert (hd95["Median"], hd95["25quantile"], hd95["75quantile"]) == (4.0, 3.0, math.inf)
+    dice = {label: row["dice"] for label, row in summary.items()}      # over 1, 0, 0.5
+    assert (dice["Mean"], dice["StdDev"], dice["Median"], dice["25quantile"], dice["75quantile"]) == (
+        0.5, 0.5, 0.5, 0.25, 0.75)
+    assert all(math.isnan(row["empty"]) for row in summary.values())
+    both_inf = evaluate.summary_rows([{"Label": "a", "x": math.inf}, {"Label": "b", "x": math.inf}], ["x"])
+    assert [row["x"] for row in both_inf][2:] == [math.inf] * 3          # never inf - inf = NaN
+
+
+def test_evaluation_csv_round_trip_with_lesionwise_columns(tmp_path):
+    columns = evaluate.csv_columns("all")
+    rng = np.random.default_rng(1)
+    rows = [{"Label": f"case_{i}", **{c: float(rng.uniform(0, 400)) for c in columns}} for i in range(4)]
+    rows[0].update(LesionHD95_ET=math.inf, LesionDice_ET=0.0, LesionTP_ET=0, LesionFN_ET=3)    # lesions missed
+    rows[1].update(LesionHD95_NETC=math.nan, LesionDice_NETC=math.nan)             # no NETC anywhere
+    path = tmp_path / "all.csv"
+    evaluate.write_evaluation_csv(path, rows, columns)
+    lines = [line.split(",") for line in path.read_text().splitlines()]
+    assert tuple(lines[0]) == ("Label",) + metrics.COLUMNS + columns[len(metrics.COLUMNS):]
+    cells = [dict(zip(lines[0], line)) for line in lines[1:3]]
+    assert (cells[0]["LesionHD95_ET"], cells[0]["LesionTP_ET"], cells[0]["LesionFN_ET"]) == ("inf", "0", "3")
+    assert cells[1]["LesionDice_NETC"] == "nan"
+    back, summary = evaluate.read_evaluation_csv(path)
+    assert [tuple(row) for row in back] == [("Label",) + columns] * 4
+    for original, read in zip(rows, back):
+        for column in columns:
+            assert read[column] == pytest.approx(original[column], rel=1e-9, nan_ok=True)
+    expected = {row["Label"]: row for row in evaluate.summary_rows(rows, columns)}
+    for label in evaluate.SUMMARY_LABELS:
+        for column in columns:
+            assert summary[label][column] == pytest.approx(expected[label][column], rel=1e-9, nan_ok=True)
+    assert summary["Mean"]["LesionHD95_ET"] == math.inf
+    assert summary["Mean"]["LesionDice_NETC"] == pytest.approx(np.mean([r["LesionDice_NETC"] for r in rows[::2]]
+                                                                       + [rows[3]["LesionDice_NETC"]]))
+
+
 @pytest.mark.parametrize("text, message", [
     ("case,Dice_ET\na,1\n", "Label"),
     ("Label,Dice_ET\na,1\na,0.5\n", "appears twice"),

@@ -67,8 +67,8 @@ RULES = ("brats2026", "brats2023")
 LESION_REGIONS = {**REGIONS, "NETC": (NCR_NET,), "SNFH": (EDEMA,)}
 REGIONS_BY_RULES = {"brats2026": ("ET", "WT", "TC", "NETC", "SNFH"), "brats2023": ("ET", "WT", "TC")}
 METRICS_BY_RULES = {
-    "brats2026": ("LesionDice", "LesionHD95", "LesionNSD", "LesionF1", "TP", "FP", "FN"),
-    "brats2023": ("LesionDice", "LesionHD95", "TP", "FP", "FN"),
+    "brats2026": ("LesionDice", "LesionHD95", "LesionNSD", "LesionF1", "LesionTP", "LesionFP", "LesionFN"),
+    "brats2023": ("LesionDice", "LesionHD95", "LesionTP", "LesionFP", "LesionFN"),
 }
 
 MATCH_MIN_DICE = 1e-6                 # panoptica MaxBipartiteMatching threshold in the gli config
@@ -103,7 +103,7 @@ COLUMNS = columns("brats2026")
 
 
 def lesionwise_metrics(pred_labels, ref_labels, spacing=(1.0, 1.0, 1.0), rules="brats2026", nsd_tolerance=None):
-    """Lesion-wise metrics of one case: {"LesionDice_ET": ..., "TP_WT": ...} (`columns(rules)`).
+    """Lesion-wise metrics of one case: {"LesionDice_ET": ..., "LesionTP_WT": ...} (`columns(rules)`).
 
     pred_labels and ref_labels are internal-convention label maps on the same grid;
     nsd_tolerance (mm) defaults to the smallest voxel spacing, as the organisers use.
@@ -124,7 +124,7 @@ def lesionwise_metrics(pred_labels, ref_labels, spacing=(1.0, 1.0, 1.0), rules="
 
 
 def region_lesionwise(pred, ref, spacing=(1.0, 1.0, 1.0), rules="brats2026", nsd_tolerance=None):
-    """Lesion-wise metrics of one region's boolean masks: {"LesionDice": ..., "TP": ..., "pairs": [...]}.
+    """Lesion-wise metrics of one region's boolean masks: {"LesionDice": ..., "LesionTP": ..., "pairs": [...]}.
 
     "pairs" lists the scored reference lesions as `LesionPair`s, for inspection; labels
     are those of `label_lesions` on the masks' bounding box (merged reference in 2023).
@@ -201,13 +201,13 @@ def _brats2026(pred, ref, spacing, tolerance):
         scores = pair_metrics(pred_lesions[box] == pred_id, ref_lesions[box] == ref_id, spacing, tolerance)
         pairs.append(LesionPair((ref_id,), (pred_id,), *scores))
     tp = len(pairs)
-    counts = {"TP": tp, "FP": n_pred - tp, "FN": n_ref - tp}
+    counts = {"LesionTP": tp, "LesionFP": n_pred - tp, "LesionFN": n_ref - tp}
     if tp == 0:
         # The gli config's zero-TP edge case: one side empty or nothing overlapping.
         return {"LesionDice": 0.0, "LesionHD95": math.inf, "LesionNSD": 0.0, "LesionF1": 0.0,
                 **counts, "pairs": []}
     dice, hd95, nsd = (float(np.mean([getattr(pair, k) for pair in pairs])) for k in ("dice", "hd95", "nsd"))
-    f1 = tp / (tp + 0.5 * counts["FP"] + 0.5 * counts["FN"])
+    f1 = tp / (tp + 0.5 * counts["LesionFP"] + 0.5 * counts["LesionFN"])
     return {"LesionDice": dice, "LesionHD95": hd95, "LesionNSD": nsd, "LesionF1": f1, **counts, "pairs": pairs}
 
 
@@ -229,7 +229,7 @@ def _brats2023(pred, ref, spacing):
             scored.append(LesionPair((ref_id,), tuple(hits), *scores))
     fp = n_pred - len(touched)
     tp = sum(1 for pair in scored if pair.pred)
-    counts = {"TP": tp, "FP": fp, "FN": len(scored) - tp}
+    counts = {"LesionTP": tp, "LesionFP": fp, "LesionFN": len(scored) - tp}
     denominator = len(scored) + fp
     if denominator == 0:
         return {"LesionDice": 1.0, "LesionHD95": 0.0, **counts, "pairs": []}
@@ -266,9 +266,9 @@ def _union_scores(pred_lesions, ref_lesions, ref_id, hits, pred_boxes, ref_box, 
 
 def _empty_result(rules):
     if rules == "brats2023":
-        return {"LesionDice": 1.0, "LesionHD95": 0.0, "TP": 0, "FP": 0, "FN": 0, "pairs": []}
+        return {"LesionDice": 1.0, "LesionHD95": 0.0, "LesionTP": 0, "LesionFP": 0, "LesionFN": 0, "pairs": []}
     return {"LesionDice": math.nan, "LesionHD95": math.nan, "LesionNSD": math.nan, "LesionF1": math.nan,
-            "TP": 0, "FP": 0, "FN": 0, "pairs": []}
+            "LesionTP": 0, "LesionFP": 0, "LesionFN": 0, "pairs": []}
 
 
 def _merge_boxes(boxes):
