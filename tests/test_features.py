@@ -169,7 +169,7 @@ def test_cross_fold_features_come_from_models_that_did_not_see_the_case(setup):
             continue
         fold = int(entry["source"][4:])
         assert case_id not in fold_lists[fold]
-        stored = np.load(root / "features_cv" / entry["file"])
+        stored = np.load(root / "features_cv" / entry["file"], allow_pickle=False)
         case = next(reader.read_cases(records, [case_id])).prepared
         want = _reference_features(folds[fold]["sagittal"], case.image, "sagittal")
         done = ~np.isnan(want)

@@ -18,6 +18,10 @@ def read_manifest(folder, name, what, how_to_make, version_key, version):
         raise DataError(path, f"no {what} manifest here; {how_to_make}") from None
     except json.JSONDecodeError as err:
         raise DataError(path, f"{what} manifest is not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:
+        raise DataError(path, f"{what} manifest is not UTF-8 text") from None
+    if not isinstance(manifest, dict):
+        raise DataError(path, f"{what} manifest is not a JSON object")
     if manifest.get(version_key) != version:
         raise DataError(path, f"{what} {version_key} {manifest.get(version_key)} is not {version}; "
                               f"{how_to_make}")
