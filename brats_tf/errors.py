@@ -1,6 +1,8 @@
 """Errors for expected bad input, and the CLI wrapper that reports them in one line."""
 
+import logging
 import sys
+import warnings
 
 
 class DataError(Exception):
@@ -25,12 +27,29 @@ def require_kind(kind, known, what):
         raise ConfigError(f"unknown {what} kind {kind!r}; known kinds: {', '.join(known)}")
 
 
+def quiet_libraries():
+    """A command prints only its own progress unless absl's --verbosity is given: library
+    log lines (TFDS's `FeatureConnector.dtype` deprecations and other absl warnings,
+    TensorFlow's Python logger) and Python warnings (library deprecations, even those a
+    library raises about our calls) are hidden; errors still show. `--verbosity=-1` shows
+    warnings, `0` info (TFDS's "Downloading and preparing dataset" lines too, see
+    records/writer.py), `1` debug. TensorFlow's C++ lines follow the same flag
+    (brats_tf/__init__.py)."""
+    from absl import flags
+    from absl import logging as absl_logging
+    if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
+        return
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    logging.getLogger("tensorflow").setLevel(logging.ERROR)
+    warnings.simplefilter("ignore")
+
+
 def run_main(main_fn):
-    """Wraps an absl main so expected errors print one line and exit 1, no traceback."""
+    """Wraps an absl main so expected errors print one line and exit 1, no traceback, and
+    library chatter stays hidden unless asked for (`quiet_libraries`)."""
 
     def wrapped(argv):
-        from absl import logging
-        logging.set_verbosity(logging.WARNING)  # library INFO chatter (tfds) is not for users
+        quiet_libraries()
         try:
             return main_fn(argv)
         except (DataError, ConfigError) as err:

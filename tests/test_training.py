@@ -97,7 +97,7 @@ def test_work_dir_contents_and_config_guard(records, tmp_path):
     names = set(os.listdir(tmp_path))
     assert {"config.json", "split.json", "model.keras", "model_info.json", "train_log.csv",
             "tensorboard", "checkpoints"} <= names
-    assert os.listdir(tmp_path / "tensorboard")
+    _check_tensorboard(tmp_path / "tensorboard", iterations=2)
     assert json.loads((tmp_path / "config.json").read_text())["data"]["records_dir"] == str(records)
     info = json.loads((tmp_path / "model_info.json").read_text())
     assert info["kind"] == "model1" and info["orientation"] == "axial" and info["pooling_factor"] >= 1
@@ -107,6 +107,26 @@ def test_work_dir_contents_and_config_guard(records, tmp_path):
     config.model.kind = "model2"
     with pytest.raises(ConfigError, match="another config"):
         Trainer(config, tmp_path).run()
+
+
+def _check_tensorboard(log_dir, iterations):
+    """The event files hold the scalars, the validation overlay (an RGB image, after each
+    validation), the config as HParams and the final validation Dice (the HParams metrics)."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import metadata as hparams_metadata
+    values = [(e.step, v) for f in sorted(log_dir.iterdir())
+              for e in tf.compat.v1.train.summary_iterator(str(f)) for v in e.summary.value]
+    tags = {(step, v.tag) for step, v in values}
+    assert {(iterations, "loss"), (iterations, "validation/overlay"), (iterations, "final/val_dice_edema")} <= tags
+    [image] = [v for step, v in values if v.tag == "validation/overlay" and step == iterations]
+    width, height, png = image.tensor.string_val
+    assert tf.io.decode_png(png).shape == (int(height), int(width), 3) and int(width) % 2 == 0   # reference | prediction
+    [start] = [v for _, v in values if v.tag == hparams_metadata.SESSION_START_INFO_TAG]
+    assert start.metadata.plugin_data.plugin_name == hparams_metadata.PLUGIN_NAME
+    hparams = hparams_metadata.parse_session_start_info_plugin_data(start.metadata.plugin_data.content).hparams
+    assert hparams["model.kind"].string_value == "model1"
+    assert hparams["train.iterations"].number_value == iterations
+    assert hparams["data.val_cases"].string_value == "null"       # None and lists as JSON text
 
 
 def test_non_finite_loss_stops_training(records, tmp_path):

@@ -1,20 +1,29 @@
 """Exported models (a trainer work dir's `model.keras` with its `model_info.json`): finding
 and hashing them, what they say about themselves, loading them for prediction, and the
 2D-3D chains (a 2D-3D model and the three 2D models whose features it was trained on,
-found by the sha256 recorded at training)."""
+found by the sha256 recorded at training).
+
+Fixed network shapes (`NetworkShapes`): a model bundle (inference/bundle.py) serves each
+network at one input shape (2D: a batch of slices padded to a canvas; 3D: one tile padded to
+`tile_size` + 2 * margin). `fixed_shape_call` pads inputs to it and crops outputs back, and
+a Keras model given the same shapes runs at exactly those shapes too, so the two give the
+same logits bit for bit. Our model modules (`brats_tf.models`, whose custom layers Keras
+needs to load a model) are imported only when a Keras model is loaded: running a bundle never
+imports them.
+"""
 
 import hashlib
 import json
 import os
 from dataclasses import dataclass, field
 
-import keras
+import numpy as np
 
 from brats_tf.constants import ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.inference import predict
 from brats_tf.io import splits
-from brats_tf.models import unet2d
+from brats_tf.records.slices import SLICE_AXIS, padded_size
 
 
 def model_file(path):
@@ -59,13 +68,111 @@ def describe_model(path):
             "orientation": info.get("orientation"), "iterations": info.get("iterations")}
 
 
+# --- fixed network shapes ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class NetworkShapes:
+    """The one input shape each network runs at: 2D slices padded to the canvas of
+    `max_grid` (the largest brain-cropped grid served) in batches of `batch_size`; 3D tiles
+    of output side <= `tile_size`, padded to `tile_size` + 2 * margin."""
+    max_grid: tuple
+    tile_size: int
+    batch_size: int
+
+    def to_json(self):
+        return {"max_grid": list(self.max_grid), "tile_size": self.tile_size, "batch_size": self.batch_size}
+
+    @classmethod
+    def from_json(cls, d):
+        return cls(tuple(int(n) for n in d["max_grid"]), int(d["tile_size"]), int(d["batch_size"]))
+
+
+def parse_grid(value):
+    """(X, Y, Z) from "X,Y,Z" or a sequence of three positive ints."""
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    try:
+        grid = tuple(int(p) for p in parts)
+    except (TypeError, ValueError):
+        grid = ()
+    if len(grid) != 3 or min(grid) < 1:
+        raise ConfigError(f"max_grid={value!r}: give three positive voxel counts X,Y,Z")
+    return grid
+
+
+def slice_canvas(max_grid, orientation, multiple):
+    """(H, W) every slice of `orientation` of a grid up to `max_grid` is padded to: the two
+    in-plane sides, rounded up to the model's pooling multiple."""
+    axes = [a for a in range(3) if a != SLICE_AXIS[orientation]]
+    return tuple(padded_size(max_grid[a], multiple) for a in axes)
+
+
+def margin_3d(info):
+    """Input voxels on each side of a 3D model's output block ((receptive field - 1) / 2)."""
+    if info.get("receptive_field"):
+        return (int(info["receptive_field"]) - 1) // 2
+    from brats_tf.models import unet3d   # model_info written before the field was recorded
+    return unet3d.MARGIN
+
+
+def network_input_shape(info, shapes):
+    """The fixed input shape (batch, spatial..., channels) of a network at `shapes`."""
+    channels = len(info["modalities"])
+    if info["stage"] == "2d":
+        return (shapes.batch_size, *slice_canvas(shapes.max_grid, info["orientation"], info["pooling_factor"]),
+                channels)
+    if info["stage"] == "3d":
+        side = shapes.tile_size + 2 * margin_3d(info)
+        return (1, side, side, side, channels + int(info.get("num_features") or 0))
+    raise ConfigError(f"a {info.get('stage')!r} model has no fixed network shapes (2d and 3d models have)")
+
+
+def fixed_shape_call(function, input_shape, shrink=0):
+    """A model-like callable over a network that takes exactly `input_shape`: each chunk of
+    `input_shape[0]` inputs (n, spatial <= the fixed ones, channels) is zero-padded at the
+    end of every axis (batch included), run, and its output cropped back to the inputs' sides
+    minus `shrink` (2 * margin for valid 3D convolutions, 0 for same-padded 2D ones)."""
+    batch, fixed, channels = input_shape[0], tuple(input_shape[1:-1]), input_shape[-1]
+
+    def call(x, training=False):
+        x = np.asarray(x, np.float32)
+        sides = x.shape[1:-1]
+        if x.shape[-1] != channels or len(sides) != len(fixed) or any(s > f for s, f in zip(sides, fixed)):
+            raise ConfigError(f"input {x.shape[1:]} does not fit the network's fixed input "
+                              f"{tuple(input_shape[1:])}")
+        out = []
+        for start in range(0, len(x), batch):
+            chunk = x[start:start + batch]
+            canvas = np.zeros(input_shape, np.float32)
+            canvas[(slice(0, len(chunk)),) + tuple(slice(0, s) for s in sides)] = chunk
+            logits = predict.main_logits(function, canvas)
+            out.append(logits[(slice(0, len(chunk)),) + tuple(slice(0, s - shrink) for s in sides)])
+        return np.concatenate(out)
+
+    return call
+
+
+# --- exported models -----------------------------------------------------------------------------
+
+def load_network(path, stage):
+    """The Keras network of a model file for prediction: a 2D model's main logits only
+    (auxiliary heads dropped), other models as saved. Imports Keras and our model modules
+    (their custom layers must be registered to load)."""
+    import keras
+    from brats_tf.models import baselines, unet2d, unet3d  # noqa: F401 (registers custom layers)
+    model = keras.models.load_model(path)
+    return unet2d.inference_model(model) if stage == "2d" else model
+
+
 @dataclass
 class ExportedModel:
-    """One exported model: its file, `model_info.json`, content hash; Keras model on demand."""
+    """One exported model: its file, `model_info.json`, content hash; Keras model on demand.
+    With `shapes`, its network runs at those fixed shapes (as a bundle's would)."""
     path: str
     info: dict
     sha256: str
     _model: object = field(default=None, repr=False)
+    shapes: NetworkShapes = None
+    _network: object = field(default=None, repr=False)
 
     @property
     def stage(self):
@@ -76,12 +183,40 @@ class ExportedModel:
         return self.stage == "3d" and bool(self.info.get("num_features"))
 
     @property
+    def margin(self):
+        """Input voxels each side of a 3D output tile."""
+        return margin_3d(self.info)
+
+    @property
+    def feature_dtype(self):
+        """What a 2D-3D model's feature channels (and the image beside them) are rounded to,
+        as they were stored for its training."""
+        recorded = (self.info.get("features") or {}).get("dtype")
+        if recorded:
+            return np.dtype(recorded)
+        from brats_tf.inference.features import FEATURE_DTYPE   # older model_info without it
+        return np.dtype(FEATURE_DTYPE)
+
+    @property
+    def input_shape(self):
+        """The fixed input shape of the network, or None when it runs at each case's shapes."""
+        return None if self.shapes is None else network_input_shape(self.info, self.shapes)
+
+    @property
     def keras_model(self):
         """The network used for prediction: main logits only (auxiliary heads dropped)."""
         if self._model is None:
-            model = keras.models.load_model(self.path)
-            self._model = predict.compiled(unet2d.inference_model(model) if self.stage == "2d" else model)
+            self._model = predict.compiled(load_network(self.path, self.stage))
         return self._model
+
+    @property
+    def network(self):
+        """A callable like `model(x, training=False)` -> logits: the Keras network, at the
+        fixed shapes when `shapes` is set."""
+        if self._network is None:
+            self._network = self.keras_model if self.shapes is None else fixed_shape_call(
+                self.keras_model, self.input_shape, 2 * self.margin if self.stage == "3d" else 0)
+        return self._network
 
     def describe(self):
         what = f"{self.stage} {self.info.get('kind')}"
@@ -110,16 +245,29 @@ class Plan:
     final: list
     chains: list
 
+    def models(self):
+        """Every distinct model of the plan (final ones, then chain members), once each."""
+        seen = {}
+        for model in self.final + [m for chain in self.chains if chain for m in chain.values()]:
+            seen.setdefault(id(model), model)
+        return list(seen.values())
 
-def plan_models(paths):
+
+def plan_models(paths, shapes=None):
     """The models that give label maps, each with its feature chain; 2D models that only
-    feed a chain do not vote."""
+    feed a chain do not vote. `shapes`: run every network at these fixed shapes."""
     if not paths:
         raise ConfigError("--models: give at least one exported model")
     loaded = load_with_chains(paths)
     extractors = {m.sha256 for _, chain in loaded for m in (chain or {}).values()}
     final = [(m, c) for m, c in loaded if m.sha256 not in extractors or m.stage == "3d"]
-    return Plan([m for m, _ in final], [c for _, c in final])
+    plan = Plan([m for m, _ in final], [c for _, c in final])
+    if shapes is not None:
+        for model in plan.models():
+            if model.stage == "baseline":
+                raise ConfigError(f"{model.path}: fixed network shapes (--max_grid) are for 2d and 3d models")
+            model.shapes = shapes
+    return plan
 
 
 def load_with_chains(paths):

@@ -13,6 +13,13 @@ map; several label maps are fused by the hierarchical vote of METHOD §6.
 Each case is prepared exactly as each model's `model_info.json` says (normalization,
 scale, crop margin, stored modalities), predictions are made on the cropped grid, and
 the result is pasted back into the input's exact grid and geometry.
+
+The same loop runs a model bundle (`bundle=`, inference/bundle.py): its networks are
+SavedModels with fixed input shapes, loaded with `tf.saved_model.load`, with the
+chains, vote thresholds and shapes its bundle.json records. `max_grid=` runs Keras models
+at the shapes a bundle exported with that grid would use, so both give the same label map.
+This module imports neither Keras model code nor `brats_tf.models` itself (only a Keras
+model, when loaded, does).
 """
 
 import json
@@ -22,19 +29,19 @@ import re
 import numpy as np
 
 from brats_tf import preprocess
+from brats_tf.inference import bundle as bundle_lib
 from brats_tf.inference import ensemble
-from brats_tf.inference import features as features_lib
 from brats_tf.inference import predict
-from brats_tf.inference.exported import plan_models
+from brats_tf.inference.exported import NetworkShapes, parse_grid, plan_models
 from brats_tf.constants import ORIENTATIONS, OUTPUT_LABEL_MAPS, REGIONS, TILE_SIZE_3D
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import Case, Source, discover_cases, load_case
 from brats_tf.io.labels import write_label_map
 from brats_tf.io.files import write_json
 from brats_tf.io.nifti import save_volume
-from brats_tf.models import unet3d
 
 MODALITY_FLAGS = ("t1", "t1c", "t2", "flair")
+BATCH_SIZE_2D = 8   # slices per forward pass of a 2D model
 
 
 # --- input cases -------------------------------------------------------------------------------
@@ -109,39 +116,58 @@ def check_modalities(case, models):
                                    f"{', '.join(model.info['modalities'])})")
 
 
+def check_grid(inputs, models):
+    """Refuses a case whose brain-cropped grid is larger than the slice canvases of a 2D
+    model at fixed shapes (a bundle's, or --max_grid) allow, before any network runs (3D
+    tiles fit any grid)."""
+    for model in models:
+        if model.stage != "2d" or model.shapes is None:
+            continue
+        limit = model.shapes.max_grid
+        prepared, _ = inputs.prepared(model.info["preprocessing"])
+        if any(n > g for n, g in zip(prepared.box.shape, limit)):
+            raise DataError(inputs.case.case_id, f"brain-cropped grid {'x'.join(map(str, prepared.box.shape))} "
+                                                 f"is larger than the {'x'.join(map(str, limit))} the networks' "
+                                                 f"fixed shapes serve (max_grid of {model.path}); export the "
+                                                 f"bundle again with a larger --max_grid")
+
+
 def predict_2d(model, image, batch_size):
-    return predict.predict_2d_logits(model.keras_model, image, model.info["orientation"],
+    return predict.predict_2d_logits(model.network, image, model.info["orientation"],
                                        model.info["pooling_factor"], batch_size)
 
 
-def chain_features(chain, inputs, batch_size, cache):
-    """The 12 feature channels of a chain (cached per triple), rounded to float16 as stored
-    for training."""
-    key = tuple(chain[o].sha256 for o in ORIENTATIONS)
+def chain_features(chain, inputs, batch_size, cache, dtype=None):
+    """The 12 feature channels of a chain (cached per triple), rounded to `dtype` (default:
+    the feature store's, as stored for training)."""
+    if dtype is None:   # what the feature store holds for training
+        from brats_tf.inference.features import FEATURE_DTYPE as dtype
+    dtype = np.dtype(dtype)
+    key = (tuple(chain[o].sha256 for o in ORIENTATIONS), dtype.name)
     if key not in cache:
         maps = [predict_2d(chain[o], inputs.image_for(chain[o]), batch_size) for o in ORIENTATIONS]
-        cache[key] = np.concatenate(maps, axis=-1).astype(features_lib.FEATURE_DTYPE)
+        cache[key] = np.concatenate(maps, axis=-1).astype(dtype)
     return cache[key]
 
 
 def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
     """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model is
-    tiled with output tiles of side <= tile_size (input + 44), each voxel predicted once."""
+    tiled with output tiles of side <= tile_size (input + 2 * margin), each voxel predicted once."""
     image = inputs.image_for(model)
     if model.stage == "2d":
         return predict_2d(model, image, batch_size)
     if chain is not None:
-        features = chain_features(chain, inputs, batch_size, feature_cache)
+        features = chain_features(chain, inputs, batch_size, feature_cache, model.feature_dtype)
         if features.shape[:3] != image.shape[:3]:
             raise ConfigError(f"{model.path}: its 2D models were trained on differently prepared data "
                               f"(grid {features.shape[:3]} vs {image.shape[:3]})")
-        image = np.concatenate([np.asarray(image, np.float16), features], axis=-1)
+        image = np.concatenate([np.asarray(image, features.dtype), features], axis=-1)
     tile = predict.fitted_tile_size(image.shape[:3], tile_size)
-    return predict.predict_tiled_3d(model.keras_model, image, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+    return predict.predict_tiled_3d(model.network, image, tile + 2 * model.margin, tile, batch_size=1)
 
 
 def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,
-                 save_probabilities=False, save_proportions=False, batch_size=8, tile_size=TILE_SIZE_3D):
+                 save_probabilities=False, save_proportions=False, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D):
     """Segments one case with the plan's models; writes the outputs; returns their paths."""
     if save_probabilities and any(m.stage == "baseline" for m in plan.final):
         raise ConfigError("--save_probabilities: not available with [S] baseline models")
@@ -161,19 +187,20 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
                          proportions if save_proportions else None, [m.path for m in plan.final])
 
 
-def label_maps(inputs, plan, batch_size=8, tile_size=TILE_SIZE_3D):
+def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D):
     """(model, label map on the original grid, logits or None) for each final model of the
     plan, one at a time (a caller can drop each model's logits before the next), after
     checking that the case has every modality the models and their chains need. The 2D
     features of a chain shared by several models are computed once."""
     check_modalities(inputs.case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    check_grid(inputs, plan.models())
     feature_cache = {}
     for model, chain in zip(plan.final, plan.chains):
         labels, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache)
         yield model, labels, logits
 
 
-def model_labels(model, chain, inputs, batch_size=8, tile_size=TILE_SIZE_3D, feature_cache=None):
+def model_labels(model, chain, inputs, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, feature_cache=None):
     """(label map on the case's original grid, logits on the cropped grid or None for an
     [S] baseline) of one final model of a plan."""
     if model.stage == "baseline":
@@ -232,14 +259,28 @@ def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabil
 
 
 def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_file=None, case_id=None,
-            mask=None, verbose=True, **options):
-    """Segments the case(s) in `case_dir` (any layout) or the explicit `files`; returns
-    [(case_id, written paths)]. options: see `segment_case`."""
+            mask=None, verbose=True, bundle=None, max_grid=None, **options):
+    """Segments the case(s) in `case_dir` (any layout) or the explicit `files` with exported
+    `models` or a model `bundle` folder; returns [(case_id, written paths)]. `max_grid`
+    (X,Y,Z): run `models` at the fixed shapes of a bundle exported with it (and the same
+    tile_size and batch_size). options: see `segment_case` (None: the default, or the bundle's)."""
     if bool(case_dir) == bool(files and any(files.values())):
         raise ConfigError("give either --case_dir or modality files (--t1 --t1c --t2 --flair), not both")
+    if bool(models) == bool(bundle):
+        raise ConfigError("give either --models (exported models) or --bundle (a model bundle), not both")
+    options = {k: v for k, v in options.items() if v is not None}
+    if bundle:
+        if max_grid is not None:
+            raise ConfigError("--max_grid: a bundle's network shapes were fixed at export (bundle.json \"shapes\")")
+        loaded = bundle_lib.load_bundle(bundle)   # verifies every file's sha256 first
+        plan, options = loaded.plan, loaded.segment_options(options)
     ensemble.parse_thresholds(options.get("thresholds", ensemble.DEFAULT_THRESHOLDS))   # fail early
     cases = cases_from_dir(case_dir, layout, layout_file) if case_dir else [case_from_files(files, case_id, mask)]
-    plan = plan_models(models)
+    if not bundle:
+        shapes = None if max_grid is None else NetworkShapes(parse_grid(max_grid),
+                                                             options.get("tile_size", TILE_SIZE_3D),
+                                                             options.get("batch_size", BATCH_SIZE_2D))
+        plan = plan_models(models, shapes)
     for case in cases:   # refuse before any heavy work
         check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
     results = []

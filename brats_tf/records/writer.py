@@ -5,12 +5,15 @@ The builder reads the NIfTI folder as its manual dir (no network), and its Featu
 to `out_dir` only when complete, manifest included.
 """
 
+import contextlib
+import io
 import os
 import shutil
 import sys
 
 import numpy as np
 import tensorflow_datasets as tfds
+from absl import logging
 
 from brats_tf import preprocess
 from brats_tf.constants import MODALITIES, NUM_CLASSES
@@ -103,8 +106,9 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
                              normalization=normalization, scale=scale, margin=margin, on_case=on_case,
                              data_dir=os.path.join(tmp_dir, "tfds"))
         tfds.disable_progress_bar()
-        builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-            manual_dir=os.path.abspath(data_dir), verify_ssl=False))
+        with _tfds_prints_unless_info():
+            builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+                manual_dir=os.path.abspath(data_dir), verify_ssl=False))
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "records": os.path.relpath(builder.data_dir, tmp_dir),
@@ -122,6 +126,16 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+def _tfds_prints_unless_info():
+    """TFDS prints "Downloading and preparing dataset ..." and "... downloaded and prepared"
+    on stdout whatever the log level (print, not logging), which reads as if something were
+    downloaded; they are kept only at absl INFO (`--verbosity=0`). Our own progress goes to
+    stderr and is not affected."""
+    if logging.level_info():
+        return contextlib.nullcontext()
+    return contextlib.redirect_stdout(io.StringIO())
 
 
 def _resolve_modalities(cases, requested, allow_missing):

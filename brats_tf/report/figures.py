@@ -81,7 +81,7 @@ def dice_boxplots(evaluations, out_path, regions=PAPER_REGIONS):
     for ax, region in zip(axes, regions):
         data = [[row[f"Dice_{region}"] for row in evaluations[m]] for m in models]
         positions = np.arange(len(models))[::-1]      # first model on top
-        ax.boxplot(data, positions=positions, vert=False, widths=0.6, showfliers=False,
+        ax.boxplot(data, positions=positions, orientation="horizontal", widths=0.6, showfliers=False,
                    medianprops={"color": "black", "linewidth": 2})
         for y, values in zip(positions, data):
             ax.scatter(values, y + rng.uniform(-0.15, 0.15, len(values)), s=12, alpha=0.6, color="#377eb8")

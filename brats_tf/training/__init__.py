@@ -1,2 +1,3 @@
-"""Training: the stage-agnostic loop (loop.py), its data, checkpoints, losses, optimizer and
-schedule, and one module of hooks per stage (stage2d, stage3d, baselines)."""
+"""Training: the stage-agnostic loop (loop.py), its data, checkpoints, logs (CSV and
+TensorBoard), losses, optimizer and schedule, and one module of hooks per stage (stage2d,
+stage3d, baselines)."""

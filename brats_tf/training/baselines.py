@@ -146,5 +146,5 @@ class BaselineTrainer(Trainer):
         """Mean whole-tumor Dice over the validation cases ([S]'s metric)."""
         if not self.val_cases:
             return {}
-        scores = [metrics.dice(self.predict_labels(case) > 0, case.label > 0) for case in self.val_cases]
+        scores = [metrics.dice(self.validation_labels(case) > 0, case.label > 0) for case in self.val_cases]
         return {"val_dice_wt": float(np.mean(scores))}

@@ -1,7 +1,7 @@
 """The trainer: a custom loop under any tf.distribute strategy, shared by every stage.
 
 `Trainer` owns the loop, checkpoints, logs, the LR schedule and the export; a stage
-subclass (`trainer2d.Trainer2D`, ...) says what to train on and what to build through a
+subclass (`stage2d.Trainer2D`, ...) says what to train on and what to build through a
 few hooks: `load_data`, `make_sampler`, `build_model`, `predict_labels` (and optionally
 `loss_heads`, `make_optimizer`).
 
@@ -13,13 +13,17 @@ accumulates N batches itself), Keras losses, `Progbar`, `.keras` export.
 Re-running on the same work dir resumes from the newest checkpoint: weights, optimizer
 slots (momentum, accumulators, counters), LR-schedule state and the position in the data
 stream (batch b is always drawn from seed (seed, b)), so nothing done before it is lost.
+Re-running a finished work dir changes nothing: a complete export of the same config with
+at least the asked iterations is returned as it is (`completed_export`), never re-saved,
+because Keras stamps each save with its date and 2D-3D chains and feature manifests find
+their 2D models by the sha256 of `model.keras`.
 """
 
-import csv
 import json
 import math
 import os
 import signal
+import sys
 
 import keras
 import numpy as np
@@ -30,11 +34,15 @@ from brats_tf.evaluation import metrics
 from brats_tf.training.checkpoints import CheckpointStore
 from brats_tf.constants import CLASS_NAMES, NUM_CLASSES
 from brats_tf.errors import ConfigError
-from brats_tf.io.files import atomic_write, write_json
+from brats_tf.inference.exported import file_sha256
+from brats_tf.inference.features import PREPROCESSING_KEYS   # how inference must prepare a case
+from brats_tf.io.files import atomic_write, read_json, write_json
 from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.records import reader
+from brats_tf.records.slices import SLICE_AXIS
 from brats_tf.training.schedules import PlateauHalving
 from brats_tf.training.data import case_split
+from brats_tf.training.logs import TrainLog, overlay_image
 
 STRATEGIES = ("off", "mirrored", "multi_worker", "tpu")
 VAL_COLUMNS = tuple(f"val_dice_{name.replace('/', '_').replace('-', '_')}" for name in CLASS_NAMES[1:])
@@ -81,7 +89,29 @@ def record_config(workdir, config):
         if strip(previous) != strip(current):
             raise ConfigError(f"{path}: this work dir was started with another config; "
                               f"use a new --workdir (or the same config)")
+        if previous == current:   # a re-run leaves the file (and its time stamp) alone
+            return
     write_json(path, current, sort_keys=True)
+
+
+def completed_export(workdir, iterations):
+    """`model_info.json` of a complete export in `workdir` of at least `iterations`, else None.
+
+    Complete: `model.keras` and `model_info.json` are both there and the model file is the
+    one the info was written for (its `model_sha256`; exports from before that field are
+    trusted by their write order: model.keras first, then the info, each atomically)."""
+    model_path, info_path = (os.path.join(workdir, name) for name in ("model.keras", "model_info.json"))
+    if not (os.path.isfile(model_path) and os.path.isfile(info_path)):
+        return None
+    try:
+        info = read_json(info_path)
+    except ValueError:   # a damaged info file: export again
+        return None
+    if info.get("iterations", -1) < iterations:
+        return None
+    if info.get("model_sha256") not in (None, file_sha256(model_path)):
+        return None
+    return info
 
 
 class Trainer:
@@ -92,6 +122,7 @@ class Trainer:
     def __init__(self, config, workdir):
         self.config, self.workdir = config, os.path.abspath(workdir)
         self.chief = True
+        self._overlay_labels = None   # the first validation case's last prediction (TensorBoard image)
 
     # --- stage hooks ---------------------------------------------------------------------------
     def load_data(self, manifest):
@@ -123,8 +154,19 @@ class Trainer:
         c = self.config.optim
         return PlateauHalving(c.learning_rate, c.min_learning_rate, c.period, c.decrease_ratio)
 
+    def check_finished(self, info):
+        """Refuses (ConfigError) a finished export whose inputs are not the current ones: a
+        re-run must not pass off a model trained on other records as this config's model."""
+        current = {k: self.manifest[k] for k in PREPROCESSING_KEYS}
+        if info.get("preprocessing", current) != current:
+            raise ConfigError(f"{self.workdir}: its model was trained on records prepared as "
+                              f"{info.get('preprocessing')}, not as {self.config.data.records_dir} "
+                              f"({current}); use a new --workdir")
+
     # --- setup -------------------------------------------------------------------------------
-    def _setup(self):
+    def _start(self):
+        """Work dir, seed, strategy, config.json, the records' manifest. Returns the result of
+        a finished export of this config (see `completed_export`), else None."""
         c = self.config
         if c.data.records_dir is None:
             raise ConfigError("--config.data.records_dir is required")
@@ -136,12 +178,22 @@ class Trainer:
         self.chief = is_chief(self.strategy)
         if self.chief:
             record_config(self.workdir, c)
-        manifest = reader.load_manifest(c.data.records_dir)
+        self.manifest = reader.load_manifest(c.data.records_dir)
+        info = completed_export(self.workdir, c.train.iterations)
+        if info is None:
+            return None
+        self.check_finished(info)
+        recorded = info.get("final_validation") or {}
+        validation = {k: recorded[k] for k in VAL_COLUMNS if k in recorded} | recorded   # the usual column order
+        return {"iterations": info["iterations"], "workdir": self.workdir, "validation": validation,
+                "reused": True}
+
+    def _setup(self):
+        c, manifest = self.config, self.manifest
         self.split = case_split(self.workdir, manifest, c)
         self.load_data(manifest)
         # How inputs were prepared: inference on new cases must do the same.
-        self.model_spec["preprocessing"] = {k: manifest[k] for k in (
-            "normalization", "median_scale", "crop_margin", "modalities")}
+        self.model_spec["preprocessing"] = {k: manifest[k] for k in PREPROCESSING_KEYS}
         self.sampler = self.make_sampler(c.data.batch_size * self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
             self.model = self.build_model()
@@ -152,6 +204,9 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self):
+        finished = self._start()
+        if finished is not None:
+            return finished
         self._setup()
         c = self.config
         state = self.store.restore(self.model, self.optimizer) or {}
@@ -162,13 +217,14 @@ class Trainer:
         iteration = _to_int(self.optimizer.iterations)
         batch = _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))
         log = TrainLog(self.workdir, iteration, self.chief)
+        log.hparams(c)
         if iteration >= c.train.iterations:
             return self._finish(iteration, log)
         train_step = build_train_step(self.model, self.optimizer, self.strategy, *self.loss_heads(),
                                       jit_compile=c.train.jit_compile)
         steps = getattr(self.optimizer, "accumulation_steps", 1)
         data = self.strategy.experimental_distribute_dataset(self.sampler.dataset(first_batch=batch))
-        progbar = keras.utils.Progbar(c.train.iterations, stateful_metrics=["loss", "lr"]) if self.chief else None
+        progbar = _progbar(c.train.iterations) if self.chief else None
         if progbar and iteration:
             progbar.update(iteration)
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
@@ -193,6 +249,7 @@ class Trainer:
                 self.optimizer.learning_rate = self.schedule.update(iteration_loss)
                 if c.train.val_every and iteration % c.train.val_every == 0:
                     row.update(self.validate())
+                    log.image(iteration, self.overlay())
                 log.write(row)
                 if progbar:
                     progbar.update(iteration, [("loss", iteration_loss), ("lr", row["learning_rate"])])
@@ -223,13 +280,30 @@ class Trainer:
         names = VAL_COLUMNS if num_classes == NUM_CLASSES else [f"val_dice_class{c}" for c in range(1, num_classes)]
         scores = np.zeros((len(self.val_cases), num_classes - 1))
         for i, case in enumerate(self.val_cases):
-            labels = self.predict_labels(case)
+            labels = self.validation_labels(case)
             for c in range(1, num_classes):
                 scores[i, c - 1] = metrics.dice(labels == c, case.label == c)
         return dict(zip(names, scores.mean(axis=0).tolist()))
 
+    def validation_labels(self, case):
+        """`predict_labels` of a validation case; the first case's labels are kept for the
+        TensorBoard overlay, so the image costs no extra prediction."""
+        labels = self.predict_labels(case)
+        if case is self.val_cases[0]:
+            self._overlay_labels = labels
+        return labels
+
+    def overlay(self):
+        """The image TensorBoard shows after a validation (None without validation cases)."""
+        if self._overlay_labels is None:
+            return None
+        case = self.val_cases[0]
+        axis = SLICE_AXIS[self.config.data.get("orientation", "axial")]   # a 2D model's own slices
+        return overlay_image(case.image, case.label, self._overlay_labels, axis)
+
     def _finish(self, iteration, log):
         final = self.validate() if self.val_cases else {}
+        log.final(iteration, final, self.overlay() if final else None)
         log.close()
         if self.chief:
             export_model(self.model, self.workdir, dict(self.model_spec, iterations=iteration,
@@ -269,54 +343,21 @@ def _to_int(value):
     return int(keras.ops.convert_to_numpy(value))
 
 
+def _progbar(iterations):
+    """A live bar on a terminal; else (a log file, CI) one plain line at the end: Keras
+    redraws its bar with backspaces and color codes wherever it runs on Linux."""
+    verbose = 1 if getattr(sys.stdout, "isatty", lambda: False)() else 2
+    return keras.utils.Progbar(iterations, verbose=verbose, stateful_metrics=["loss", "lr"])
+
+
 def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt(f"signal {signum}")
 
 
 def export_model(model, workdir, info):
-    """`model.keras` (full training model, heads included) and `model_info.json` beside it."""
-    atomic_write(os.path.join(workdir, "model.keras"), model.save)
-    write_json(os.path.join(workdir, "model_info.json"), info, sort_keys=True)
-
-
-class TrainLog:
-    """Per-iteration CSV (`train_log.csv`) and TensorBoard scalars; rows after a resume
-    point are dropped so a resumed run's log has each iteration once."""
-
-    def __init__(self, workdir, resume_iteration, enabled=True):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "train_log.csv")
-        self.rows = []
-        if enabled and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
-                self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_iteration]
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if enabled else None
-
-    def write(self, row):
-        if not self.enabled:
-            return
-        self.rows.append(row)
-        with self.writer.as_default(step=row["iteration"]):
-            for key, value in row.items():
-                if key != "iteration":
-                    tf.summary.scalar(key, value)
-        if len(self.rows) % 10 == 0:
-            self.flush()
-
-    def flush(self):
-        if not self.enabled:
-            return
-        columns = list(dict.fromkeys(k for r in self.rows for k in r))
-        columns = ["iteration"] + [k for k in columns if k != "iteration"]
-
-        def write(p):
-            with open(p, "w", newline="") as f:
-                w = csv.DictWriter(f, columns, restval="")
-                w.writeheader()
-                w.writerows(self.rows)
-        atomic_write(self.path, write)
-
-    def close(self):
-        if self.enabled:
-            self.flush()
-            self.writer.flush()
+    """`model.keras` (full training model, heads included), then `model_info.json` beside it
+    with the sha256 of the file it describes (`completed_export` checks it)."""
+    path = os.path.join(workdir, "model.keras")
+    atomic_write(path, model.save)
+    write_json(os.path.join(workdir, "model_info.json"), dict(info, model_sha256=file_sha256(path)),
+               sort_keys=True)

@@ -67,6 +67,20 @@ class Trainer3D(Trainer):
                                        "cross_fold": bool(stored["cross_fold"]), "channels": stored["channels"],
                                        "dtype": stored["dtype"]}
 
+    def check_finished(self, info):
+        """A finished 2D-3D model must come from the 2D models of the current features: if
+        they were retrained and extracted again, this model is not theirs (and `segment`
+        finds its chain by the hashes it recorded)."""
+        super().check_finished(info)
+        c = self.config
+        if not (unet3d.needs_features(c.model.kind) and c.features.dir):
+            return
+        trained = (info.get("features") or {}).get("models") or {}
+        current = features_lib.load_manifest(c.features.dir)["models"]
+        if any(trained.get(o, {}).get("sha256") != current[o]["sha256"] for o in ORIENTATIONS):
+            raise ConfigError(f"{self.workdir}: its model was trained on features of other 2D models than "
+                              f"{c.features.dir} holds now; use a new --workdir to train on these")
+
     def make_sampler(self, global_batch_size):
         c, spec = self.config, self.model_spec
         return PatchSampler(self.train_cases, spec["input_size"], spec["output_size"], global_batch_size,
