@@ -37,15 +37,8 @@ _CASE_KEYS = ("case_id", "modalities_present", "original_shape", "spacing_mm", "
 def load_manifest(records_dir):
     """The record set's manifest, checked field by field (DataError naming the file)."""
     path = os.path.join(records_dir, MANIFEST)
-    try:
-        manifest = read_manifest(records_dir, MANIFEST, "record", "build records with data_prep.build_records",
-                                 "schema_version", schema.SCHEMA_VERSION)
-    # io.manifest.read_manifest lets these two through (reported for issue 17): bytes that are
-    # not UTF-8, and JSON that is not an object (it calls .get on it).
-    except UnicodeDecodeError as err:
-        raise DataError(path, f"record manifest is not valid JSON (not UTF-8 text: {err.reason})") from None
-    except AttributeError:
-        raise DataError(path, "record manifest is not a JSON object") from None
+    manifest = read_manifest(records_dir, MANIFEST, "record", "build records with data_prep.build_records",
+                             "schema_version", schema.SCHEMA_VERSION)
     problem = _manifest_problem(manifest)
     if problem:
         raise DataError(path, f"record manifest is damaged: {problem}; rebuild it with data_prep.build_records")

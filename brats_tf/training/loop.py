@@ -83,8 +83,7 @@ def record_config(workdir, config):
     path = os.path.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
-        with open(path) as f:
-            previous = json.load(f)
+        previous = read_json(path)
         strip = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k != "iterations"}}
         if strip(previous) != strip(current):
             raise ConfigError(f"{path}: this work dir was started with another config; "
