@@ -1,6 +1,6 @@
 """2D-stage benchmarks, printing JSON lines (warm-up excluded):
 
-  slice_pipeline   slices/s the tf.data slice sampler delivers
+  (the training input pipeline: bench/bench_pipelines.py)
   train_consumption slices/s a real train step consumes (same slice size, small preset)
   accumulation     one N-batch iteration vs N plain forward-backward passes (overhead %)
   peak_rss         peak resident memory of a paper-scale 2D model 1 training step
@@ -21,7 +21,7 @@ from brats_tf.configs.train2d import get_config
 from brats_tf.models import unet2d
 from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.preprocess import PreparedCase
-from brats_tf.records.slices import SliceSampler
+from brats_tf.records.slices import padded_size
 from brats_tf.training.loop import build_train_step
 
 
@@ -58,28 +58,31 @@ def time_calls(fn, count, warmup=2, clock=time.perf_counter):
     return (clock() - start) / count
 
 
+def fake_batch(size, batch_size, preset, seed=0):
+    """Slices of fake cases padded as the slice stream pads them: (x, y) tensors."""
+    shape = (padded_size(size, unet2d.pooling_factor("model1", preset)),) * 2
+    cases = fake_cases(batch_size, size, 1, seed=seed)
+    x = np.zeros((batch_size,) + shape + (4,), np.float32)
+    y = np.zeros((batch_size,) + shape, np.int32)
+    for i, case in enumerate(cases):
+        x[i, :size, :size] = case.image[:, :, 0]
+        y[i, :size, :size] = case.label[:, :, 0]
+    return tf.constant(x), tf.constant(y), shape
+
+
 def bench_pipeline_vs_training(size, batch_size, preset):
-    cases = fake_cases(6, size, 96)
-    factor = unet2d.pooling_factor("model1", preset)
-    sampler = SliceSampler(cases, "axial", batch_size, multiple=factor)
-    iterator = iter(sampler.dataset())
-    seconds = time_calls(lambda: next(iterator), 30)
-    emit(bench="slice_pipeline", slice_shape=list(sampler.slice_shape), batch_size=batch_size,
-         slices_per_s=round(batch_size / seconds, 1))
+    x, y, slice_shape = fake_batch(size, batch_size, preset)
     model = unet2d.build_2d_model_1(4, preset)
     optimizer = NormalizedMomentum(0.25, accumulation_steps=1)
     config = get_config("small")
     step = build_train_step(model, optimizer, tf.distribute.get_strategy(), *_heads(model, config))
-    x, y = (tf.constant(a) for a in sampler.batch(0))
     seconds = time_calls(lambda: step(x, y)["loss"].numpy(), 10)
-    emit(bench="train_consumption", model="model1", preset=preset, slice_shape=list(sampler.slice_shape),
+    emit(bench="train_consumption", model="model1", preset=preset, slice_shape=list(slice_shape),
          batch_size=batch_size, slices_per_s=round(batch_size / seconds, 1), step_s=round(seconds, 4))
 
 
 def bench_accumulation(size, batch_size, preset, n, rounds=7):
-    cases = fake_cases(3, size, 64)
-    sampler = SliceSampler(cases, "axial", batch_size, multiple=unet2d.pooling_factor("model1", preset))
-    x, y = (tf.constant(a) for a in sampler.batch(0))
+    x, y, _ = fake_batch(size, batch_size, preset, seed=1)
     model = unet2d.build_2d_model_1(4, preset)
     config = get_config("small")
     optimizer = NormalizedMomentum(0.25, accumulation_steps=n)

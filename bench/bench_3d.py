@@ -8,7 +8,7 @@
   ensemble          the whole six-model 2D-3D ensemble, end to end as `segment` runs it:
                     2D model 1 and 2D model 2 x 3 orientations -> two feature sets ->
                     A, B, C on each -> hierarchical vote -> files written
-  patch_pipeline    patches/s the PatchSampler's tf.data stream delivers (image + 12 features)
+  (the training input pipeline: bench/bench_pipelines.py)
   train_consumption patches/s a 3D training step consumes (same patch size)
   paper_step        (--paper_step B) one paper-scale model A training step, B patches of 70³
 Each line carries the peak RSS so far. Inference times are warm (models loaded and traced
@@ -40,7 +40,6 @@ from brats_tf.inference.features import FeatureExtractor
 from brats_tf.io.cases import discover_cases, load_case
 from brats_tf.models import unet2d, unet3d
 from brats_tf.training.optim import NormalizedMomentum
-from brats_tf.records.patches import PatchSampler
 from brats_tf.training.loop import build_train_step
 
 REAL_CASE = Path(__file__).resolve().parents[2] / "shared" / "data" / "brats2023_glioma_case"
@@ -162,26 +161,22 @@ def fake_cases(n, shape, seed=0):
 
 
 def bench_patches(sizes, preset, batch_size):
-    cases, feats = fake_cases(4, (140, 170, 140))
+    cases, feats = fake_cases(batch_size, (80, 80, 80))
     for size in sizes:
-        sampler = PatchSampler(cases, size, unet3d.output_size(size), batch_size, features=feats)
-        iterator = iter(sampler.dataset())
-        next(iterator)
-        _, seconds = timed(lambda: [next(iterator) for _ in range(10)])
-        held = sum(v.nbytes for v in sampler.volumes) + sum(v.nbytes for v in sampler.labels)
-        emit(bench="patch_pipeline", input_size=size, batch_size=batch_size, channels=16, cases=len(cases),
-             case_grid=list(cases[0].label.shape), sampler_mb_per_case=round(held / len(cases) / 2 ** 20),
-             patches_per_s=round(10 * batch_size / seconds, 1))
+        half, out = size // 2, unet3d.output_size(size)
+        x = np.stack([np.concatenate([c.image, f], -1)[40 - half:40 - half + size, 40 - half:40 - half + size,
+                                                       40 - half:40 - half + size] for c, f in zip(cases, feats)])
+        y = np.stack([c.label[40 - out // 2:40 - out // 2 + out, 40 - out // 2:40 - out // 2 + out,
+                              40 - out // 2:40 - out // 2 + out] for c in cases])
+        x, y = tf.constant(x, tf.float32), tf.constant(y, tf.int32)
         model = unet3d.build_3d_model("A", 4, 12, preset)
         step = build_train_step(model, NormalizedMomentum(0.25, accumulation_steps=5), tf.distribute.get_strategy(),
                                 ["main"], {"main": 1.0}, losses.weighted_cross_entropy(losses.TARGET_WEIGHTS_3D))
-        x, y = (tf.constant(a) for a in sampler.batch(0))
         step(x, y)
         _, seconds = timed(lambda: [step(x, y)["loss"].numpy() for _ in range(3)])
         emit(bench="train_consumption", model="A", preset=preset, params=int(model.count_params()), input_size=size,
              batch_size=batch_size, step_s=round(seconds / 3, 3), patches_per_s=round(3 * batch_size / seconds, 2),
-             label_voxels_per_s=round(3 * batch_size * unet3d.output_size(size) ** 3 / seconds))
-        del iterator, sampler, step, model   # each size's padded volumes are freed before the next
+             label_voxels_per_s=round(3 * batch_size * out ** 3 / seconds))
         gc.collect()
 
 

@@ -10,6 +10,8 @@ MODALITIES = ("t1", "t1c", "t2", "flair")
 
 # Slice orientations of the 2D models, in the order their feature channels are stacked.
 ORIENTATIONS = ("axial", "coronal", "sagittal")
+# Volume axis that indexes slices: axial slices are x-y planes (fixed z), etc.
+SLICE_AXIS = {"axial": 2, "coronal": 1, "sagittal": 0}
 
 # Internal label convention.
 NON_TUMOR, NCR_NET, EDEMA, ENHANCING = 0, 1, 2, 3

@@ -4,7 +4,7 @@ r"""Extracts the 2D features of every case of a record set for the 3D stage.
         --axial W_AX --coronal W_COR --sagittal W_SAG [--fold_models D1,D2,...]
 
 Runs the three 2D models (trainer work dirs) over every slice in their orientation and
-stores their 12 pre-softmax maps per case (float16 <case_id>.npy) with
+stores their 12 pre-softmax maps per case (a float16 feature record <case_id>.tfrecord) with
 features_manifest.json naming the models and their sha256. --fold_models: folders each
 holding axial/, coronal/ and sagittal/ work dirs of 2D models trained without some cases;
 a case the main models were trained on then gets features from a fold that left it out.

@@ -12,7 +12,7 @@ from brats_tf.errors import ConfigError
 from brats_tf.io.labels import write_label_map
 from brats_tf.inference.predict import predict_tiled_3d
 from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights
-from brats_tf.records.reader import load_manifest
+from brats_tf.records.reader import load_manifest, read_cases
 from brats_tf.records.writer import build_records
 from tests.conftest import write_brats2017_case
 
@@ -187,15 +187,14 @@ def test_patch_sampler_draws_majority_tumor_and_majority_background_equally(zsco
     trainer = _trainer(zscore_records, tmp_path, "bcn_demo")
     sampler = trainer.make_sampler(16)
     blocks = []
-    for b in range(20):
-        x, y = sampler.batch(b)
+    for x, y in sampler.dataset(num_batches=20).as_numpy_iterator():
         assert x.shape == (16, 25, 25, 25, 4) and y.shape == (16, 9, 9, 9)
         assert set(np.unique(y)) <= {0, 1}
         blocks.append(y.reshape(16, -1).mean(axis=1))
     majority_tumor = (np.concatenate(blocks) > 0.5).mean()
     assert 0.4 <= majority_tumor <= 0.6
     # Without the balancing, a brain voxel would be tumor this rarely:
-    cases = trainer.train_cases
+    cases = [c.prepared for c in read_cases(zscore_records)]
     tumor_share = sum((c.label > 0).sum() for c in cases) / sum(c.brain.sum() for c in cases)
     assert tumor_share < 0.25
 
@@ -206,7 +205,7 @@ def test_volume_sampler_crops_cases_to_the_fifcn_window(zscore_records, tmp_path
     assert x.shape == (2, 32, 48, 32, 4) and y.shape == (2, 32, 48, 32)
     for i in range(2):   # each example is one of the cases, centered: find which
         matches = [np.array_equal(y[i], (baselines_inference.fit_to_size(c.label, (32, 48, 32)) > 0))
-                   for c in trainer.train_cases]
+                   for c in (r.prepared for r in read_cases(zscore_records))]
         assert any(matches)
 
 

@@ -109,7 +109,7 @@ def test_features_match_a_slice_by_slice_reference(setup):
     case = next(reader.read_cases(records, ["Case_2"])).prepared
     stored = features.load_features(root / "features", ["Case_2"], {"Case_2": case.label.shape})["Case_2"]
     assert stored.dtype == np.float16 and stored.shape == case.image.shape[:3] + (12,)
-    assert (root / "features" / "Case_2.npy").is_file()
+    assert (root / "features" / "Case_2.tfrecord").is_file()
     for k, orientation in enumerate(ORIENTATIONS):
         want = _reference_features(models[orientation], case.image, orientation)
         done = ~np.isnan(want)
@@ -169,7 +169,7 @@ def test_cross_fold_features_come_from_models_that_did_not_see_the_case(setup):
             continue
         fold = int(entry["source"][4:])
         assert case_id not in fold_lists[fold]
-        stored = np.load(root / "features_cv" / entry["file"], allow_pickle=False)
+        stored = features.load_features(root / "features_cv", [case_id])[case_id]
         case = next(reader.read_cases(records, [case_id])).prepared
         want = _reference_features(folds[fold]["sagittal"], case.image, "sagittal")
         done = ~np.isnan(want)
@@ -184,11 +184,11 @@ def test_interrupted_extraction_resumes(setup):
     del manifest["cases"]["Case_3"]                      # as if killed before the last case
     manifest["complete"] = False
     (out / features.MANIFEST).write_text(json.dumps(manifest))
-    (out / "Case_3.npy").unlink()
-    kept = os.stat(out / "Case_0.npy").st_mtime_ns
+    (out / "Case_3.tfrecord").unlink()
+    kept = os.stat(out / "Case_0.tfrecord").st_mtime_ns
     resumed = features.extract_features(records, out, models, verbose=False)
     assert resumed["complete"] and sorted(resumed["cases"]) == ["Case_0", "Case_1", "Case_2", "Case_3"]
-    assert os.stat(out / "Case_0.npy").st_mtime_ns == kept   # not recomputed
+    assert os.stat(out / "Case_0.tfrecord").st_mtime_ns == kept   # not recomputed
     other = handmade_2d_models(models, root / "other", [], seed=5)
     with pytest.raises(ConfigError, match="other models"):
         features.extract_features(records, out, other, verbose=False)
@@ -203,3 +203,29 @@ def test_cli_refuses_a_model_given_for_the_wrong_orientation(setup, tmp_path):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("error: ") and "trained on coronal slices, given as the axial model" in lines[-1]
     assert "Traceback" not in result.stderr
+
+
+def test_feature_records_round_trip_and_refuse_damage(tmp_path):
+    import tensorflow as tf
+    from brats_tf.records import schema
+    array = np.random.default_rng(0).standard_normal((7, 5, 6, 12)).astype(np.float16)
+    manifest = {"format_version": features.FORMAT_VERSION, "complete": True,
+                "cases": {"Case_0": {"file": "Case_0.tfrecord"}, "Case_1": {"file": "Case_1.tfrecord"}}}
+    (tmp_path / features.MANIFEST).write_text(json.dumps(manifest))
+    schema.write_feature_record(str(tmp_path / "Case_0.tfrecord"), "Case_0", array)
+    np.testing.assert_array_equal(features.load_features(tmp_path, ["Case_0"])["Case_0"], array)
+    case_id, parsed = next(iter(tf.data.TFRecordDataset(str(tmp_path / "Case_0.tfrecord"))
+                                .map(schema.parse_feature_record)))
+    assert case_id.numpy() == b"Case_0" and parsed.dtype == tf.float16
+    np.testing.assert_array_equal(parsed.numpy(), array)
+    # A record of another case under this case's name.
+    schema.write_feature_record(str(tmp_path / "Case_1.tfrecord"), "Case_0", array)
+    with pytest.raises(DataError, match="Case_1.tfrecord.*not the feature record of case Case_1"):
+        features.load_features(tmp_path, ["Case_1"])
+    # Bytes flipped in the middle: the record's CRC fails.
+    data = bytearray((tmp_path / "Case_0.tfrecord").read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    (tmp_path / "Case_0.tfrecord").write_bytes(bytes(data))
+    with pytest.raises(DataError, match="Case_0.tfrecord: cannot read features"):
+        features.load_features(tmp_path, ["Case_0"])

@@ -158,8 +158,8 @@ def test_subnetwork_pretraining_feeds_the_full_model(tmp_path):
     sub_trainer = Trainer(config, tmp_path / "sub_t1")
     sub_trainer.run()
     # Pretrained only on the cases that have T1, on the T1 channel alone.
-    assert [c.case_id for c in sub_trainer.train_cases] == ["Case_1", "Case_2"]
-    assert sub_trainer.train_cases[0].image.shape[-1] == 1
+    assert sub_trainer.train_source.case_ids == ("Case_1", "Case_2")
+    assert sub_trainer.sampler.batch(0)[0].shape[-1] == 1
     sub_model = keras.models.load_model(tmp_path / "sub_t1" / "model.keras")
 
     full = get_config("small")

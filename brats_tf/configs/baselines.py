@@ -54,7 +54,7 @@ def get_config(preset="bcn_demo"):
     c.model.volume_size = FIFCN_VOLUME[scale]   # FIFCN: center crop / pad of the cropped case
     c.model.num_pools = 3                   # FIFCN
 
-    c.data = common.case_selection(num_val_cases=5 if paper else 2)
+    c.data = common.case_selection(num_val_cases=5 if paper else 2, window_cases=8 if paper else 16)
     c.data.normalization = "zscore"         # required of the records ([S] §4.1); None: any
     c.data.batch_size = (32 if paper else 16) if kind != "fifcn" else 2
     c.data.sampling = "tumor_balanced"      # [S]: majority-tumor / majority-background patches

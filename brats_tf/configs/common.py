@@ -13,14 +13,19 @@ def base_config(stage, preset):
     return c
 
 
-def case_selection(num_val_cases):
-    """`data` fields choosing the cases: the record set, train / validation ids, modalities."""
+def case_selection(num_val_cases, window_cases=8):
+    """`data` fields choosing the cases (the record set, train / validation ids, modalities)
+    and how the training stream reads them (`records/streams.py`)."""
     data = ml_collections.ConfigDict()
     data.records_dir = ml_collections.FieldReference(None, field_type=str)
     data.train_cases = ml_collections.FieldReference(None, field_type=list)  # None: all but val
     data.val_cases = ml_collections.FieldReference(None, field_type=list)    # None: a few held out
     data.num_val_cases = num_val_cases
     data.modalities = ml_collections.FieldReference(None, field_type=list)   # None: the records'
+    # Cases held in memory at once, and batches cut from them before the next window is read:
+    # memory grows with the window, not with the dataset (BUILD_NOTES, "Streaming input pipelines").
+    data.window_cases = window_cases
+    data.batches_per_window = 16
     return data
 
 

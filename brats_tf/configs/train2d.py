@@ -25,7 +25,7 @@ def get_config(preset="small"):
     c.model.kind = "model1"                 # model1 | model2 | unet_axial (baseline)
     c.model.preset = "paper" if paper else "small"   # filter counts (models/unet2d.py)
 
-    c.data = common.case_selection(num_val_cases=5 if paper else 2)
+    c.data = common.case_selection(num_val_cases=5 if paper else 2, window_cases=8 if paper else 16)
     c.data.orientation = "axial"            # axial | coronal | sagittal
     c.data.batch_size = 8 if not paper else 10
     c.data.tumor_fraction = 0.5             # share of non-guaranteed slices drawn from tumor slices

@@ -36,7 +36,7 @@ def get_config(preset="small"):
     # so `small` keeps the paper's 70³ (a smaller side works too: the field stays 45³).
     c.model.input_size = 70
 
-    c.data = common.case_selection(num_val_cases=5 if paper else 2)
+    c.data = common.case_selection(num_val_cases=5 if paper else 2, window_cases=8 if paper else 16)
     c.data.batch_size = 5 if paper else 4   # >= 4: class-balanced batches hold every class
     c.data.sampling = "class_balanced"      # class_balanced | tumor_balanced | uniform
 

@@ -23,7 +23,8 @@ from brats_tf.constants import ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.inference import predict
 from brats_tf.io import splits
-from brats_tf.records.slices import SLICE_AXIS, padded_size
+from brats_tf.constants import SLICE_AXIS
+from brats_tf.records.slices import padded_size
 
 
 def model_file(path):

@@ -3,7 +3,9 @@
 Three trained 2D models of one kind (axial, coronal, sagittal) are run over every slice
 of every case of a record set; their final conv outputs before softmax (4 maps each)
 are stacked into 12 channels (axial, coronal, sagittal order), stored per case on the
-cropped grid as float16 `<case_id>.npy`, beside `features_manifest.json`, which names
+cropped grid as a float16 feature record `<case_id>.tfrecord` (`records.schema`: case id,
+raw bytes, shape; CRC-checked, read in-graph by the training stream), beside
+`features_manifest.json`, which names
 the three models by path and by the sha256 of their `model.keras` (the content, so a
 retrained model in the same folder is a different model).
 
@@ -25,6 +27,7 @@ import sys
 
 import keras
 import numpy as np
+import tensorflow as tf
 
 from brats_tf.inference import predict
 from brats_tf.inference.exported import describe_model, file_sha256, model_file, read_model_info, trained_cases
@@ -34,11 +37,11 @@ from brats_tf.io.manifest import read_manifest
 from brats_tf.io import splits
 from brats_tf.io.files import atomic_write, write_json
 from brats_tf.models import unet2d
-from brats_tf.records import reader
+from brats_tf.records import reader, schema
 
 MANIFEST = "features_manifest.json"
-FORMAT_VERSION = 1
-FEATURE_DTYPE = np.float16
+FORMAT_VERSION = 2          # 1: .npy files
+FEATURE_DTYPE = schema.FEATURE_DTYPE
 PREPROCESSING_KEYS = ("normalization", "median_scale", "crop_margin", "modalities")
 
 
@@ -142,8 +145,8 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
         extractor = main if source == "main" else folds[int(source[4:])]
         image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
         features = extractor.extract(image).astype(FEATURE_DTYPE)
-        name = f"{case.case_id}.npy"
-        atomic_write(os.path.join(out_dir, name), lambda p: _save_npy(p, features))
+        name = f"{case.case_id}.tfrecord"
+        atomic_write(os.path.join(out_dir, name), lambda p: schema.write_feature_record(p, case.case_id, features))
         manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
         _write_manifest(out_dir, manifest)
         if verbose:
@@ -203,11 +206,6 @@ def _resume_or_start(out_dir, manifest, overwrite):
     return {}
 
 
-def _save_npy(path, array):
-    with open(path, "wb") as f:
-        np.save(f, array, allow_pickle=False)
-
-
 def _write_manifest(out_dir, manifest):
     write_json(os.path.join(out_dir, MANIFEST), manifest, sort_keys=True)
 
@@ -244,20 +242,30 @@ def check_request(manifest, features_dir, kind=None, cross_fold=False, model_pat
                               f"(sha256 {stored['sha256'][:12]}), not from {model_file(path)} (sha256 {wanted[:12]})")
 
 
-def load_features(features_dir, case_ids, shapes=None):
-    """{case_id: (X, Y, Z, 12) float16} for the given cases; `shapes` (case_id -> (X, Y, Z))
-    checks they lie on the cases' cropped grids."""
+def feature_record_paths(features_dir, case_ids):
+    """Paths of the cases' feature records, in the order given (DataError for a case without)."""
     manifest = load_manifest(features_dir)
-    loaded = {}
+    paths = []
     for case_id in case_ids:
         entry = manifest["cases"].get(case_id)
         if entry is None:
             raise DataError(os.path.join(features_dir, MANIFEST), f"no features for case {case_id}")
-        path = os.path.join(features_dir, entry["file"])
+        paths.append(os.path.join(features_dir, entry["file"]))
+    return paths
+
+
+def load_features(features_dir, case_ids, shapes=None):
+    """{case_id: (X, Y, Z, 12) float16} for the given cases; `shapes` (case_id -> (X, Y, Z))
+    checks they lie on the cases' cropped grids."""
+    loaded = {}
+    for case_id, path in zip(case_ids, feature_record_paths(features_dir, case_ids)):
         try:
-            array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise DataError(path, f"cannot read features ({err})") from None
+            records = [schema.parse_feature_record(r) for r in tf.data.TFRecordDataset(path)]
+        except tf.errors.OpError as err:    # missing, truncated, CRC mismatch, undecodable
+            raise DataError(path, f"cannot read features ({reader.short_error(err)})") from None
+        if len(records) != 1 or records[0][0].numpy().decode() != case_id:
+            raise DataError(path, f"not the feature record of case {case_id}; re-run data_prep.extract_features")
+        array = records[0][1].numpy()
         if shapes is not None and tuple(array.shape[:3]) != tuple(shapes[case_id]):
             raise DataError(path, f"features of shape {array.shape[:3]} do not match the case grid "
                                   f"{tuple(shapes[case_id])}; were they extracted from other records?")

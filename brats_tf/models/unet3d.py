@@ -30,7 +30,7 @@ Layout (sizes for a 70³ input; `d` = dilation):
 Receptive field: 1 + 4 + 2 + 8 + 4 + 16 + 8 + 2 = 45.
 
 Models (input: K image channels, then F feature channels for 2D-3D models, as
-`records.patches.PatchSampler(features=...)` delivers them):
+`records.streams.PatchStream` delivers them, features joined from their records):
 - standard: the U-Net on the K image channels.
 - A: the U-Net on all K + F channels (features at the input) [Fig. 4].
 - B: the body on the image channels; the features, cropped to the body's extent, are

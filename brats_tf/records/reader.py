@@ -31,7 +31,8 @@ _OPEN_ERRORS = (OSError, ValueError, KeyError, TypeError, AttributeError, IndexE
 # The fields `writer.build_records` writes (every one is read by some stage).
 _MANIFEST_KEYS = ("schema_version", "records", "source_dir", "layout", "modalities", "normalization",
                   "median_scale", "crop_margin", "num_cases", "cases")
-_CASE_KEYS = ("case_id", "modalities_present", "original_shape", "spacing_mm", "crop", "voxels_per_class")
+_CASE_KEYS = ("case_id", "modalities_present", "original_shape", "spacing_mm", "crop", "voxels_per_class",
+              "record_file")
 
 
 def load_manifest(records_dir):
@@ -70,7 +71,7 @@ def case_dataset(records_dir, case_ids=None):
                             f"TFDS metadata lists {num} cases, the manifest {len(known)}")
         ds = builder.as_dataset(split=schema.SPLIT, shuffle_files=False)
     except _OPEN_ERRORS as err:
-        raise DataError(folder, f"unreadable TFDS record set ({_short(err)})") from None
+        raise DataError(folder, f"unreadable TFDS record set ({short_error(err)})") from None
     if case_ids is not None:
         wanted = tf.constant(sorted(set(case_ids)), dtype=tf.string)   # typed: [] is float otherwise
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["case_id"], wanted)))
@@ -98,7 +99,7 @@ def read_cases(records_dir, case_ids=None):
         except StopIteration:
             break
         except tf.errors.OpError as err:    # CRC mismatch, truncated record, undecodable bytes
-            raise DataError(_bad_shard(records_dir, manifest), f"corrupt records ({_short(err)})") from None
+            raise DataError(_bad_shard(records_dir, manifest), f"corrupt records ({short_error(err)})") from None
         case = case_from_example(ex, manifest["modalities"])
         _check_case(records_dir, case, entries, wanted, manifest["modalities"])
         seen.append(case.prepared.case_id)
@@ -183,6 +184,8 @@ def _manifest_problem(m):
         crop = c.get("crop") if isinstance(c, dict) else None
         if not (isinstance(c, dict) and all(k in c for k in _CASE_KEYS)
                 and isinstance(c.get("case_id"), str) and c["case_id"]
+                and isinstance(c.get("record_file"), str) and c["record_file"] == os.path.basename(c["record_file"])
+                and ".tfrecord" in c["record_file"]
                 and c["case_id"] not in ids
                 and isinstance(c.get("modalities_present"), list)
                 and all(x in modalities for x in c["modalities_present"])
@@ -211,10 +214,13 @@ def _bad_shard(records_dir, manifest):
     return folder
 
 
-def _short(err):
+def short_error(err):
     """First line of an error's message, without TensorFlow's {{function_node ...}} and
     [Op:...] decorations."""
     text = getattr(err, "message", None) or str(err)
     text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", text.strip(), flags=re.S)
     lines = text.strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:200]
+
+
+_short = short_error   # the name other modules used before

@@ -12,6 +12,7 @@ import shutil
 import sys
 
 import numpy as np
+import tensorflow as tf
 import tensorflow_datasets as tfds
 from absl import logging
 
@@ -107,8 +108,10 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
                              data_dir=os.path.join(tmp_dir, "tfds"))
         tfds.disable_progress_bar()
         with _tfds_prints_unless_info():
+            # One record file per case: a streaming sampler reads exactly the cases it needs.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-                manual_dir=os.path.abspath(data_dir), verify_ssl=False))
+                manual_dir=os.path.abspath(data_dir), verify_ssl=False, num_shards=len(cases)))
+        _add_record_files(builder.data_dir, manifest_cases)
         manifest = {
             "schema_version": schema.SCHEMA_VERSION,
             "records": os.path.relpath(builder.data_dir, tmp_dir),
@@ -126,6 +129,25 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+def _add_record_files(folder, manifest_cases):
+    """Names each case's record file in its manifest entry (read back, not assumed: TFDS
+    decides the shard names)."""
+    where = {}
+    for name in sorted(tf.io.gfile.listdir(folder)):
+        if ".tfrecord" not in name:
+            continue
+        ids = [bytes(ex["case_id"].numpy()).decode() for ex in tf.data.TFRecordDataset(
+            os.path.join(folder, name)).map(lambda s: tf.io.parse_single_example(s, _CASE_ID))]
+        if len(ids) != 1:
+            raise RuntimeError(f"{folder}/{name}: TFDS wrote {len(ids)} cases into one record file")
+        where[ids[0]] = name
+    for entry in manifest_cases:
+        entry["record_file"] = where[entry["case_id"]]
+
+
+_CASE_ID = {"case_id": tf.io.FixedLenFeature([], tf.string)}
 
 
 def _tfds_prints_unless_info():

@@ -16,14 +16,13 @@ import os
 
 import keras
 import numpy as np
-import tensorflow as tf
 
 from brats_tf.inference import baselines as baselines_inference
 from brats_tf.training import losses
 from brats_tf.evaluation import metrics
 from brats_tf.errors import ConfigError
 from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights, identity_batch_norm
-from brats_tf.records.patches import PatchSampler
+from brats_tf.records import streams
 from brats_tf.training.schedules import ConstantRate
 from brats_tf.training.loop import Trainer
 from brats_tf.training.data import load_cases
@@ -38,35 +37,6 @@ def spec_from_config(config, num_channels):
                         filters=tuple(m.filters), fc_units=m.fc_units, dropout=m.dropout,
                         batch_norm=m.batch_norm, dropout_rate=m.dropout_rate, l2=m.l2,
                         patch_size=m.patch_size, volume_size=tuple(m.volume_size), num_pools=m.num_pools)
-
-
-class VolumeSampler:
-    """FIFCN batches: whole cropped cases, center-cropped / zero-padded to `size`, drawn
-    uniformly with replacement; batch b depends only on (seed, b), so resume is exact."""
-
-    def __init__(self, cases, size, batch_size, seed=0, binary=True):
-        self.size, self.batch_size, self.seed, self.binary = tuple(int(n) for n in size), batch_size, seed, binary
-        self.volumes = [baselines_inference.fit_to_size(np.asarray(c.image, np.float16), self.size) for c in cases]
-        self.labels = [baselines_inference.fit_to_size(c.label, self.size) for c in cases]
-        self.num_channels = self.volumes[0].shape[-1]
-
-    def batch(self, batch_number):
-        rng = np.random.default_rng([self.seed, batch_number])
-        picks = rng.integers(len(self.volumes), size=self.batch_size)
-        x = np.stack([self.volumes[i] for i in picks]).astype(np.float32)
-        y = np.stack([self.labels[i] for i in picks]).astype(np.int32)
-        return x, (y > 0).astype(np.int32) if self.binary else y
-
-    def dataset(self, first_batch=0, num_batches=None):
-        last = np.iinfo(np.int64).max if num_batches is None else first_batch + num_batches
-
-        def generate():
-            for b in range(first_batch, last):
-                yield self.batch(b)
-
-        spec = (tf.TensorSpec((self.batch_size,) + self.size + (self.num_channels,), tf.float32),
-                tf.TensorSpec((self.batch_size,) + self.size, tf.int32))
-        return tf.data.Dataset.from_generator(generate, output_signature=spec).prefetch(2)
 
 
 class BaselineTrainer(Trainer):
@@ -94,18 +64,18 @@ class BaselineTrainer(Trainer):
                            "modalities": wanted, "num_classes": self.spec.num_classes,
                            "loss": c.loss.kind, "spec": self.spec.to_json(),
                            "init_from": c.train.init_from}
-        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels)
+        self.train_source = streams.case_source(c.data.records_dir, self.split["train"], channels)
         self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels)
-        if not self.train_cases:
-            raise ConfigError("no training cases")
 
     def make_sampler(self, global_batch_size):
         c, spec = self.config, self.spec
         binary = spec.num_classes == 2
+        window = streams.window_options(c.data)
         if spec.kind == "fifcn":
-            return VolumeSampler(self.train_cases, spec.volume_size, global_batch_size, c.seed, binary)
-        return PatchSampler(self.train_cases, spec.input_size, spec.output_size, global_batch_size,
-                            seed=c.seed, sampling=c.data.sampling, binary=binary)
+            return streams.VolumeStream(self.train_source, spec.volume_size, global_batch_size, c.seed, binary,
+                                        **window)
+        return streams.PatchStream(self.train_source, spec.input_size, spec.output_size, global_batch_size,
+                                   seed=c.seed, sampling=c.data.sampling, binary=binary, **window)
 
     def build_model(self):
         model = build_baseline(self.spec)
@@ -118,7 +88,8 @@ class BaselineTrainer(Trainer):
             added = [layer.name for layer in model.layers
                      if isinstance(layer, keras.layers.BatchNormalization) and layer.name not in copied]
             # Added BN layers start as the identity on this site's data (BUILD_NOTES).
-            identity_batch_norm(model, added, [self.sampler.batch(b)[0] for b in range(CALIBRATION_BATCHES)])
+            calibration = self.sampler.dataset(num_batches=CALIBRATION_BATCHES)
+            identity_batch_norm(model, added, [x.numpy() for x, _ in calibration])
         return model
 
     def loss_heads(self):

@@ -32,14 +32,13 @@ import tensorflow as tf
 from brats_tf.training import losses
 from brats_tf.evaluation import metrics
 from brats_tf.training.checkpoints import CheckpointStore
-from brats_tf.constants import CLASS_NAMES, NUM_CLASSES
-from brats_tf.errors import ConfigError
+from brats_tf.constants import CLASS_NAMES, NUM_CLASSES, SLICE_AXIS
+from brats_tf.errors import ConfigError, DataError
 from brats_tf.inference.exported import file_sha256
 from brats_tf.inference.features import PREPROCESSING_KEYS   # how inference must prepare a case
 from brats_tf.io.files import atomic_write, read_json, write_json
 from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.records import reader
-from brats_tf.records.slices import SLICE_AXIS
 from brats_tf.training.schedules import PlateauHalving
 from brats_tf.training.data import case_split
 from brats_tf.training.logs import TrainLog, overlay_image
@@ -125,7 +124,8 @@ class Trainer:
 
     # --- stage hooks ---------------------------------------------------------------------------
     def load_data(self, manifest):
-        """Sets self.train_cases, self.val_cases and self.model_spec (a JSON-able dict)."""
+        """Sets self.train_source (records.streams.CaseSource), self.val_cases and self.model_spec
+        (a JSON-able dict)."""
         raise NotImplementedError
 
     def make_sampler(self, global_batch_size):
@@ -229,7 +229,7 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
         head_sums = {}
         try:
-            for x, y in data:
+            for x, y in _batches(data, c.data.records_dir):
                 values = {k: float(v) for k, v in train_step(x, y).items()}
                 if not math.isfinite(values["loss"]):
                     raise TrainingError(f"non-finite loss at iteration {iteration} (batch {batch}); "
@@ -335,6 +335,19 @@ def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_co
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
 
     return train_step
+
+
+def _batches(data, records_dir):
+    """The (x, y) batches of a distributed dataset; a record that fails to read (CRC, a
+    feature record of another case) is one DataError, not a TensorFlow traceback."""
+    iterator = iter(data)
+    while True:
+        try:
+            yield next(iterator)
+        except StopIteration:
+            return
+        except tf.errors.OpError as err:
+            raise DataError(records_dir, f"training input failed: {reader.short_error(err)}") from None
 
 
 def _to_int(value):

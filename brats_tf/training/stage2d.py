@@ -9,7 +9,7 @@ from brats_tf.inference import predict
 from brats_tf.training import losses
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet2d
-from brats_tf.records.slices import SliceSampler
+from brats_tf.records import streams
 from brats_tf.training.loop import Trainer
 from brats_tf.training.data import load_cases
 
@@ -26,12 +26,11 @@ class Trainer2D(Trainer):
         self.model_spec = {"stage": "2d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
                            "orientation": c.data.orientation, "subnetwork": c.train.subnetwork,
                            "pooling_factor": unet2d.pooling_factor(kind, c.model.preset)}
-        # A subnetwork is pretrained only on the cases that have its sequence.
+        # A subnetwork is pretrained only on the cases that have its sequence. Training cases
+        # are streamed from the records; the few validation cases are held in memory.
         only_present = c.train.subnetwork is not None
-        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels, only_present)
+        self.train_source = streams.case_source(c.data.records_dir, self.split["train"], channels, only_present)
         self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels, only_present)
-        if not self.train_cases:
-            raise ConfigError("no training cases (after filtering by modality)")
 
     def _input_modalities(self, manifest):
         """Modalities the model sees, and the record channels to load for it."""
@@ -49,8 +48,9 @@ class Trainer2D(Trainer):
 
     def make_sampler(self, global_batch_size):
         c = self.config
-        return SliceSampler(self.train_cases, c.data.orientation, global_batch_size, seed=c.seed,
-                            multiple=self.model_spec["pooling_factor"], tumor_fraction=c.data.tumor_fraction)
+        shape = streams.slice_shape(self.train_source, c.data.orientation, self.model_spec["pooling_factor"])
+        return streams.SliceStream(self.train_source, c.data.orientation, global_batch_size, shape, seed=c.seed,
+                                   tumor_fraction=c.data.tumor_fraction, **streams.window_options(c.data))
 
     def build_model(self):
         spec = self.model_spec

@@ -8,7 +8,8 @@ from brats_tf.inference import features as features_lib
 from brats_tf.inference import predict
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet3d
-from brats_tf.records.patches import SAMPLING, PatchSampler
+from brats_tf.records import streams
+from brats_tf.records.streams import SAMPLING
 from brats_tf.training.loop import Trainer
 from brats_tf.training.data import load_cases
 
@@ -32,15 +33,18 @@ class Trainer3D(Trainer):
         if missing:
             raise ConfigError(f"data.modalities {missing} are not in the records ({manifest['modalities']})")
         channels = [manifest["modalities"].index(m) for m in modalities]
-        self.train_cases = load_cases(c.data.records_dir, self.split["train"], channels)
         self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels)
         self.model_spec = {"stage": "3d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
                            "levels": list(c.model.levels) if c.model.levels else None, "final": c.model.final,
                            "input_size": c.model.input_size, "output_size": output_size,
                            "receptive_field": unet3d.RECEPTIVE_FIELD, "num_features": 0, "features": None}
-        self.train_features = self.val_features = None
+        self.val_features, feature_paths = None, None
         if unet3d.needs_features(kind):
-            self._load_features(manifest)
+            feature_paths = self._load_features(manifest)
+        # Training cases (and their feature records) are streamed; validation ones held in memory.
+        self.train_source = streams.case_source(c.data.records_dir, self.split["train"], channels,
+                                                feature_paths=feature_paths,
+                                                num_features=self.model_spec["num_features"])
 
     def _load_features(self, manifest):
         c = self.config
@@ -58,14 +62,15 @@ class Trainer3D(Trainer):
         if stored["preprocessing"] != records_prep:
             raise ConfigError(f"{c.features.dir}: features were extracted from records prepared as "
                               f"{stored['preprocessing']}, not as these records ({records_prep})")
-        load = lambda cases: [features_lib.load_features(c.features.dir, [x.case_id], {x.case_id: x.label.shape})
-                              [x.case_id] for x in cases]
-        self.train_features, self.val_features = load(self.train_cases), load(self.val_cases)
-        self.model_spec["num_features"] = int(self.train_features[0].shape[-1])
+        self.val_features = [features_lib.load_features(c.features.dir, [x.case_id], {x.case_id: x.label.shape})
+                             [x.case_id] for x in self.val_cases]
+        self.model_spec["num_features"] = len(stored["channels"])
         # What segment needs to rebuild the chain: the three 2D models, by content hash.
         self.model_spec["features"] = {"kind": stored["kind"], "models": stored["models"],
                                        "cross_fold": bool(stored["cross_fold"]), "channels": stored["channels"],
                                        "dtype": stored["dtype"]}
+        train = self.split["train"]
+        return dict(zip(train, features_lib.feature_record_paths(c.features.dir, train)))
 
     def check_finished(self, info):
         """A finished 2D-3D model must come from the 2D models of the current features: if
@@ -83,8 +88,8 @@ class Trainer3D(Trainer):
 
     def make_sampler(self, global_batch_size):
         c, spec = self.config, self.model_spec
-        return PatchSampler(self.train_cases, spec["input_size"], spec["output_size"], global_batch_size,
-                            seed=c.seed, features=self.train_features, sampling=c.data.sampling)
+        return streams.PatchStream(self.train_source, spec["input_size"], spec["output_size"], global_batch_size,
+                                   seed=c.seed, sampling=c.data.sampling, **streams.window_options(c.data))
 
     def build_model(self):
         spec = self.model_spec
