@@ -30,6 +30,7 @@ from ml_collections import config_flags
 from brats_tf import experiments
 from brats_tf.configs import experiments as experiment_configs
 from brats_tf.errors import run_main
+from brats_tf.io import locks
 from brats_tf.io.cases import LAYOUT_CHOICES
 
 FLAGS = flags.FLAGS
@@ -61,8 +62,10 @@ def main(argv):
     from brats_tf.training.loop import TrainingError   # TensorFlow only once an experiment runs
     if FLAGS.workdir is None:
         FLAGS.workdir = os.path.join("runs", FLAGS.experiment)
+    workdir = os.path.abspath(FLAGS.workdir)
     try:
-        report = experiments.run(FLAGS.experiment, FLAGS)
+        with locks.hold(os.path.join(workdir, locks.LOCK_FILE), workdir):   # one live run per work dir
+            report = experiments.run(FLAGS.experiment, FLAGS)
     except TrainingError as err:
         raise SystemExit(f"error: {err}")
     print(f"report: {os.path.abspath(report)}")

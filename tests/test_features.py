@@ -207,25 +207,57 @@ def test_cli_refuses_a_model_given_for_the_wrong_orientation(setup, tmp_path):
 
 def test_feature_records_round_trip_and_refuse_damage(tmp_path):
     import tensorflow as tf
+    from brats_tf.io.files import atomic_write
     from brats_tf.records import schema
+
+    def write(case_id, array, name=None):
+        path = str(tmp_path / f"{name or case_id}.tfrecord")
+        atomic_write(path, lambda p: schema.write_feature_record(p, case_id, array))
+        return path
+
     array = np.random.default_rng(0).standard_normal((7, 5, 6, 12)).astype(np.float16)
     manifest = {"format_version": features.FORMAT_VERSION, "complete": True,
-                "cases": {"Case_0": {"file": "Case_0.tfrecord"}, "Case_1": {"file": "Case_1.tfrecord"}}}
+                "cases": {i: {"file": f"{i}.tfrecord", "shape": list(array.shape), "source": "main"}
+                          for i in ("Case_0", "Case_1", "Case_2")}}
     (tmp_path / features.MANIFEST).write_text(json.dumps(manifest))
-    schema.write_feature_record(str(tmp_path / "Case_0.tfrecord"), "Case_0", array)
-    np.testing.assert_array_equal(features.load_features(tmp_path, ["Case_0"])["Case_0"], array)
-    case_id, parsed = next(iter(tf.data.TFRecordDataset(str(tmp_path / "Case_0.tfrecord"))
-                                .map(schema.parse_feature_record)))
-    assert case_id.numpy() == b"Case_0" and parsed.dtype == tf.float16
-    np.testing.assert_array_equal(parsed.numpy(), array)
+    path = write("Case_0", array)
+    assert features.feature_record_paths(tmp_path, ["Case_1", "Case_0"]) == [
+        str(tmp_path / "Case_1.tfrecord"), path]
+    loaded = features.load_features(tmp_path, ["Case_0"], {"Case_0": array.shape[:3]})["Case_0"]
+    assert loaded.dtype == np.float16 and loaded.tobytes() == array.tobytes()      # bit-identical
+    # In-graph: the stream's way of reading them.
+    assert set(features.FEATURE_RECORD_SPEC) == {"case_id", "features", "shape"}
+    case_id, parsed = next(iter(tf.data.TFRecordDataset(path).map(features.parse_feature_record)))
+    assert case_id.numpy() == b"Case_0" and parsed.dtype == tf.float16 and parsed.shape == array.shape
+    assert parsed.numpy().tobytes() == array.tobytes()
+    # The stored bytes are the raw little-endian float16 array, C order.
+    example = tf.io.parse_single_example(next(iter(tf.data.TFRecordDataset(path))), features.FEATURE_RECORD_SPEC)
+    assert example["features"].numpy() == array.astype("<f2").tobytes()
+    assert list(example["shape"].numpy()) == list(array.shape)
+    assert not [n for n in os.listdir(tmp_path) if n.endswith(".tmp.tfrecord")]     # temp name renamed
     # A record of another case under this case's name.
-    schema.write_feature_record(str(tmp_path / "Case_1.tfrecord"), "Case_0", array)
+    write("Case_0", array, name="Case_1")
     with pytest.raises(DataError, match="Case_1.tfrecord.*not the feature record of case Case_1"):
         features.load_features(tmp_path, ["Case_1"])
+    # Listed in the manifest, missing on disk.
+    with pytest.raises(DataError, match="Case_2.tfrecord: cannot read features"):
+        features.load_features(tmp_path, ["Case_2"])
+    # Truncated.
+    whole = (tmp_path / "Case_0.tfrecord").read_bytes()
+    (tmp_path / "Case_2.tfrecord").write_bytes(whole[:len(whole) - 100])
+    with pytest.raises(DataError, match="Case_2.tfrecord: cannot read features") as caught:
+        features.load_features(tmp_path, ["Case_2"])
+    assert "\n" not in str(caught.value)
     # Bytes flipped in the middle: the record's CRC fails.
-    data = bytearray((tmp_path / "Case_0.tfrecord").read_bytes())
+    data = bytearray(whole)
     middle = len(data) // 2
     data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
     (tmp_path / "Case_0.tfrecord").write_bytes(bytes(data))
-    with pytest.raises(DataError, match="Case_0.tfrecord: cannot read features"):
+    with pytest.raises(DataError, match="Case_0.tfrecord: cannot read features") as caught:
+        features.load_features(tmp_path, ["Case_0"])
+    assert "\n" not in str(caught.value)
+    # A folder of the old format (.npy features) is refused by its manifest, with what to do.
+    manifest["format_version"] = 1
+    (tmp_path / features.MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(DataError, match="format_version 1 is not 2; extract features with data_prep.extract_features"):
         features.load_features(tmp_path, ["Case_0"])

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 
 from brats_tf.errors import DataError
 from brats_tf.io.nifti import load_volume
-from brats_tf.records import reader
+from brats_tf.records import reader, schema
 from tests.conftest import tiny_volumes, write_brats2017_case
 
 SCALE = int(os.environ.get("BRATS_FUZZ_EXAMPLES", "1"))
@@ -278,10 +278,10 @@ def check_records_outcome(folder, expected):
 
 
 RECORD_FILES = {
-    "shard": "tfds/brats_cases/1.0.0/brats_cases-cases.tfrecord-00000-of-00001",
+    "shard": f"tfds/brats_cases/{schema.SCHEMA_VERSION}/brats_cases-cases.tfrecord-00000-of-00002",
     "manifest": "manifest.json",
-    "dataset_info": "tfds/brats_cases/1.0.0/dataset_info.json",
-    "features": "tfds/brats_cases/1.0.0/features.json",
+    "dataset_info": f"tfds/brats_cases/{schema.SCHEMA_VERSION}/dataset_info.json",
+    "features": f"tfds/brats_cases/{schema.SCHEMA_VERSION}/features.json",
 }
 
 
@@ -316,7 +316,7 @@ def _paths(value, prefix=()):
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-5, 300) | st.floats(allow_nan=False, allow_infinity=False)
     | st.sampled_from(["t1", "t1c", "t2", "flair", "median", "zscore", "none", "Case_0", "Case_1", "..", "/",
-                       "tfds/brats_cases/1.0.0", ""]) | st.text(max_size=8),
+                       f"tfds/brats_cases/{schema.SCHEMA_VERSION}", ""]) | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=10)
 
@@ -353,8 +353,8 @@ def _json_edit(fn):
 # Before issue 17: a traceback (T) or other data read without a word (S).
 RECORD_FINDINGS = {
     "shard byte flipped (T DataLossError)": ("shard", lambda raw: raw[:100] + bytes([raw[100] ^ 1]) + raw[101:],
-                                             "brats_cases-cases.tfrecord-00000-of-00001: corrupt records"),
-    "shard truncated (T DataLossError)": ("shard", lambda raw: raw[:-5], "tfrecord-00000-of-00001: corrupt records"),
+                                             "brats_cases-cases.tfrecord-00000-of-00002: corrupt records"),
+    "shard truncated (T DataLossError)": ("shard", lambda raw: raw[:-5], "tfrecord-00000-of-00002: corrupt records"),
     "manifest not UTF-8 (T UnicodeDecodeError)": ("manifest", lambda raw: b"\xff" + raw, "not UTF-8 text"),
     "manifest not an object (T AttributeError)": ("manifest", lambda raw: b"[1, 2]", "not a JSON object"),
     "manifest field missing (T KeyError)": ("manifest", _json_edit(lambda m: {k: v for k, v in m.items() if k != "records"}),
@@ -366,7 +366,8 @@ RECORD_FINDINGS = {
     "case id renamed in the manifest (S: manifest and records disagree)": ("manifest", _json_edit(lambda m: {**m, "cases": [{**m["cases"][0], "case_id": "X"}] + m["cases"][1:]}),
                                             "records hold case 'Case_0', which the manifest does not list"),
     "dataset_info not JSON (T ParseError)": ("dataset_info", lambda raw: raw[:1], "unreadable TFDS record set"),
-    "dataset_info shard length (T FailedPreconditionError)": ("dataset_info", lambda raw: raw.replace(b'"2"', b'"1"'),
+    "dataset_info shard length (T FailedPreconditionError)": ("dataset_info", _json_edit(
+        lambda d: {**d, "splits": [{**d["splits"][0], "shardLengths": ["1"]}]}),
                                                               "dataset_info.json: TFDS metadata lists 1 cases, the manifest 2"),
     "features encoding (T ValueError)": ("features", lambda raw: raw.replace(b'"bytes"', b'"byter"', 1), "unreadable TFDS record set"),
     "features dtype float16 -> bfloat16 (S other values)": ("features", lambda raw: raw.replace(b'"float16"', b'"bfloat16"'),

@@ -255,3 +255,28 @@ def test_real_cases_stream_patches_and_slices(tmp_path):
     for stream in (patches, slices):
         for x, y in stream.dataset(num_batches=3).as_numpy_iterator():
             assert np.isfinite(x).all() and set(np.unique(y)) >= set(classes)
+
+
+def test_sampling_metadata_round_trips_through_writer_and_reader(tmp_path):
+    """Every sampling field, read back through the reader's TFDS dataset, is what the case's
+    arrays say: per-slice class presence, candidate centers inside their class, counts."""
+    import tensorflow_datasets as tfds
+    from brats_tf.records import reader
+    write_brats2017_case(tmp_path / "data", "Case_000", shape=(30, 34, 26), seed=1)
+    writer.build_records(tmp_path / "data", tmp_path / "records", verbose=False)
+    ex = next(iter(tfds.as_numpy(reader.case_dataset(str(tmp_path / "records")))))
+    label, brain = ex["label"], ex["brain"].astype(bool)
+    expected = schema.sampling_metadata("Case_000", label, brain)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(ex[key], value, err_msg=key)
+    for o in ORIENTATIONS:
+        slices = to_slices(label, o).reshape(label.shape[SLICE_AXIS[o]], -1)
+        want = np.stack([(slices == c).any(axis=1) for c in range(NUM_CLASSES)], axis=1)
+        np.testing.assert_array_equal(ex[f"slice_classes_{o}"], want)
+    for c in range(NUM_CLASSES):
+        count = ex["class_center_count"][c]
+        voxels = (label == c) & (brain if c == 0 else True)
+        assert count == min(voxels.sum(), schema.CENTERS_PER_CLASS)
+        centers = ex["class_centers"][c, :count].astype(int)
+        assert voxels[tuple(centers.T)].all() and len({tuple(v) for v in centers}) == count
+    assert brain[tuple(ex["brain_centers"][:ex["brain_center_count"]].astype(int).T)].all()

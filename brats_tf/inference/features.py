@@ -9,9 +9,13 @@ raw bytes, shape; CRC-checked, read in-graph by the training stream), beside
 the three models by path and by the sha256 of their `model.keras` (the content, so a
 retrained model in the same folder is a different model).
 
-3D training loads features with `load_features(..., request)`, which refuses a set whose
-manifest does not match what the 3D config asks for (2D kind, exact model hashes,
-cross-fold extraction) in one line.
+Reading: `feature_record_paths` gives the cases' record files (the training stream reads
+them in-graph with `tf.data.TFRecordDataset(path).map(parse_feature_record)`, parsing by
+`FEATURE_RECORD_SPEC`); `load_features` gives them as NumPy arrays (one-line DataError on a
+damaged record or one of another case). `check_request` refuses a set whose manifest does
+not match what the 3D config asks for (2D kind, exact model hashes, cross-fold extraction)
+in one line. A folder of format 1 (`.npy` features) is refused by its format_version;
+re-extract it.
 
 Cross-fold extraction (optional): [M] extracts training-set features with 2D models
 trained on those same cases, so they are cleaner than at test time. Given extra model
@@ -34,7 +38,7 @@ from brats_tf.inference.exported import describe_model, file_sha256, model_file,
 from brats_tf.constants import CLASS_NAMES, ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.manifest import read_manifest
-from brats_tf.io import splits
+from brats_tf.io import locks, splits
 from brats_tf.io.files import atomic_write, write_json
 from brats_tf.models import unet2d
 from brats_tf.records import reader, schema
@@ -42,6 +46,11 @@ from brats_tf.records import reader, schema
 MANIFEST = "features_manifest.json"
 FORMAT_VERSION = 2          # 1: .npy files
 FEATURE_DTYPE = schema.FEATURE_DTYPE
+# The feature record format (one tf.train.Example per file: case_id bytes, features = raw
+# little-endian float16 bytes of the C-order (X, Y, Z, C) array, shape int64[4]) lives in
+# records.schema beside the case records; these are the same objects, public here.
+FEATURE_RECORD_SPEC = schema.FEATURE_RECORD_SPEC
+parse_feature_record = schema.parse_feature_record
 PREPROCESSING_KEYS = ("normalization", "median_scale", "crop_margin", "modalities")
 
 
@@ -136,24 +145,26 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
         "cross_fold": {"folds": [f.descriptions for f in folds]} if folds else None,
         "cases": {}, "complete": False,
     }
-    manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
-    case_ids = [c["case_id"] for c in records_manifest["cases"]]
-    todo = [i for i in case_ids if i not in manifest["cases"]]
-    for number, record_case in enumerate(reader.read_cases(records_dir, todo) if todo else [], 1):
-        case = record_case.prepared
-        source = _source_for(case.case_id, main_trained, folds)
-        extractor = main if source == "main" else folds[int(source[4:])]
-        image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
-        features = extractor.extract(image).astype(FEATURE_DTYPE)
-        name = f"{case.case_id}.tfrecord"
-        atomic_write(os.path.join(out_dir, name), lambda p: schema.write_feature_record(p, case.case_id, features))
-        manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
+    # One live extraction per folder (io/locks.py; the folder is created for its lock file).
+    with locks.hold(os.path.join(out_dir, locks.LOCK_FILE), os.path.abspath(out_dir)):
+        manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
+        case_ids = [c["case_id"] for c in records_manifest["cases"]]
+        todo = [i for i in case_ids if i not in manifest["cases"]]
+        for number, record_case in enumerate(reader.read_cases(records_dir, todo) if todo else [], 1):
+            case = record_case.prepared
+            source = _source_for(case.case_id, main_trained, folds)
+            extractor = main if source == "main" else folds[int(source[4:])]
+            image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
+            features = extractor.extract(image).astype(FEATURE_DTYPE)
+            name = f"{case.case_id}.tfrecord"
+            atomic_write(os.path.join(out_dir, name), lambda p: schema.write_feature_record(p, case.case_id, features))
+            manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
+            _write_manifest(out_dir, manifest)
+            if verbose:
+                print(f"  [{len(case_ids) - len(todo) + number}/{len(case_ids)}] {case.case_id}: "
+                      f"{features.shape} from {source} models", file=sys.stderr, flush=True)
+        manifest["complete"] = True
         _write_manifest(out_dir, manifest)
-        if verbose:
-            print(f"  [{len(case_ids) - len(todo) + number}/{len(case_ids)}] {case.case_id}: "
-                  f"{features.shape} from {source} models", file=sys.stderr, flush=True)
-    manifest["complete"] = True
-    _write_manifest(out_dir, manifest)
     return manifest
 
 
@@ -187,7 +198,7 @@ def _resume_or_start(out_dir, manifest, overwrite):
     """Cases already extracted by an interrupted run with the same models; {} otherwise."""
     path = os.path.join(out_dir, MANIFEST)
     if not os.path.exists(path):
-        if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {locks.LOCK_FILE} and not overwrite:
             raise ConfigError(f"{out_dir}: exists and is not a feature folder; choose another --out_dir")
         return {}
     with open(path) as f:
@@ -260,7 +271,7 @@ def load_features(features_dir, case_ids, shapes=None):
     loaded = {}
     for case_id, path in zip(case_ids, feature_record_paths(features_dir, case_ids)):
         try:
-            records = [schema.parse_feature_record(r) for r in tf.data.TFRecordDataset(path)]
+            records = [parse_feature_record(r) for r in tf.data.TFRecordDataset(path)]
         except tf.errors.OpError as err:    # missing, truncated, CRC mismatch, undecodable
             raise DataError(path, f"cannot read features ({reader.short_error(err)})") from None
         if len(records) != 1 or records[0][0].numpy().decode() != case_id:

@@ -37,6 +37,7 @@ from brats_tf.constants import ORIENTATIONS, OUTPUT_LABEL_MAPS, REGIONS, TILE_SI
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import Case, Source, discover_cases, load_case
 from brats_tf.io.labels import write_label_map
+from brats_tf.io import locks
 from brats_tf.io.files import write_json
 from brats_tf.io.nifti import save_volume
 
@@ -284,9 +285,11 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
     for case in cases:   # refuse before any heavy work
         check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
     results = []
-    for case in cases:
-        written = segment_case(case, plan, out_dir, **options)
-        results.append((case.case_id, written))
-        if verbose:
-            print(f"{case.case_id}: {written['seg']}", flush=True)
+    # One live writer per output folder; the lock lies beside it, so a refused case leaves no folder.
+    with locks.hold(f"{os.path.abspath(out_dir)}.lock", os.path.abspath(out_dir)):
+        for case in cases:
+            written = segment_case(case, plan, out_dir, **options)
+            results.append((case.case_id, written))
+            if verbose:
+                print(f"{case.case_id}: {written['seg']}", flush=True)
     return results

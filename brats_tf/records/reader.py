@@ -222,5 +222,3 @@ def short_error(err):
     lines = text.strip().splitlines()
     return (lines[0] if lines else type(err).__name__)[:200]
 
-
-_short = short_error   # the name other modules used before

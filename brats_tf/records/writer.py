@@ -20,6 +20,7 @@ from brats_tf import preprocess
 from brats_tf.constants import MODALITIES, NUM_CLASSES
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io import locks
 from brats_tf.io.files import write_json
 from brats_tf.records import schema
 
@@ -75,8 +76,16 @@ def _insert_missing_channels(image, present):
 def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalization=None,
                   modalities=None, scale=preprocess.DEFAULT_MEDIAN_SCALE, margin=preprocess.DEFAULT_CROP_MARGIN,
                   allow_missing_modalities=False, overwrite=False, verbose=True):
-    """Builds the record set of a dataset folder; returns the manifest dict."""
+    """Builds the record set of a dataset folder; returns the manifest dict. A build to an
+    `out_dir` that another live build writes is refused (io/locks.py)."""
     out_dir = os.path.abspath(out_dir)
+    with locks.hold(f"{out_dir}.lock", out_dir):   # out_dir appears by a rename: its lock lies beside it
+        return _build_records(data_dir, out_dir, layout, layout_file, normalization, modalities, scale, margin,
+                              allow_missing_modalities, overwrite, verbose)
+
+
+def _build_records(data_dir, out_dir, layout, layout_file, normalization, modalities, scale, margin,
+                   allow_missing_modalities, overwrite, verbose):
     _check_out_dir(out_dir, overwrite)
     cases = discover_cases(data_dir, layout, layout_file)
     modalities = _resolve_modalities(cases, modalities, allow_missing_modalities)

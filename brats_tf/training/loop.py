@@ -19,6 +19,7 @@ because Keras stamps each save with its date and 2D-3D chains and feature manife
 their 2D models by the sha256 of `model.keras`.
 """
 
+import contextlib
 import json
 import math
 import os
@@ -36,6 +37,7 @@ from brats_tf.constants import CLASS_NAMES, NUM_CLASSES, SLICE_AXIS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.inference.exported import file_sha256
 from brats_tf.inference.features import PREPROCESSING_KEYS   # how inference must prepare a case
+from brats_tf.io import locks
 from brats_tf.io.files import atomic_write, read_json, write_json
 from brats_tf.training.optim import NormalizedMomentum
 from brats_tf.records import reader
@@ -175,7 +177,8 @@ class Trainer:
             tf.config.experimental.enable_op_determinism()
         self.strategy = make_strategy(c.train.strategy)
         self.chief = is_chief(self.strategy)
-        if self.chief:
+        if self.chief:   # one live run per work dir; held until `run` returns or raises
+            self._lock.enter_context(locks.hold(os.path.join(self.workdir, locks.LOCK_FILE), self.workdir))
             record_config(self.workdir, c)
         self.manifest = reader.load_manifest(c.data.records_dir)
         info = completed_export(self.workdir, c.train.iterations)
@@ -203,6 +206,13 @@ class Trainer:
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self):
+        """Trains (or returns a finished export); the chief holds the work dir's lock file
+        (io/locks.py) from `_start` until this returns or raises."""
+        self._lock = contextlib.ExitStack()
+        with self._lock:
+            return self._run()
+
+    def _run(self):
         finished = self._start()
         if finished is not None:
             return finished
