@@ -39,7 +39,7 @@ from brats_tf.constants import CLASS_NAMES, ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.manifest import read_manifest
 from brats_tf.io import locks, splits
-from brats_tf.io.files import atomic_write, write_json
+from brats_tf.io.files import atomic_write, remove_temporaries, write_json
 from brats_tf.models import unet2d
 from brats_tf.records import reader, schema
 
@@ -147,6 +147,7 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
     }
     # One live extraction per folder (io/locks.py; the folder is created for its lock file).
     with locks.hold(os.path.join(out_dir, locks.LOCK_FILE), os.path.abspath(out_dir)):
+        remove_temporaries(out_dir)   # a killed run's half-written file
         manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
         case_ids = [c["case_id"] for c in records_manifest["cases"]]
         todo = [i for i in case_ids if i not in manifest["cases"]]

@@ -3,6 +3,7 @@ files every stage writes (manifests, configs, splits, summaries) in one format."
 
 import json
 import os
+import re
 import tempfile
 
 _MISSING = object()
@@ -26,6 +27,20 @@ def atomic_write(path, write_fn):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def remove_temporaries(directory):
+    """Removes what `atomic_write` leaves in `directory` when its process is killed (hidden
+    `.<name>.<random>.tmp<suffix>` files). Call it only while holding the folder's lock
+    (io/locks.py): then no live writer owns one."""
+    if not os.path.isdir(directory):
+        return
+    for name in os.listdir(directory):
+        if _TEMPORARY.match(name):
+            os.remove(os.path.join(directory, name))
+
+
+_TEMPORARY = re.compile(r"^\..+\.[A-Za-z0-9_]{8}\.tmp")
 
 
 def write_json(path, obj, indent=1, sort_keys=False):

@@ -6,6 +6,7 @@ to `out_dir` only when complete, manifest included.
 """
 
 import contextlib
+import glob
 import io
 import os
 import shutil
@@ -110,7 +111,9 @@ def _build_records(data_dir, out_dir, layout, layout_file, normalization, modali
                   file=sys.stderr, flush=True)
 
     tmp_dir = f"{out_dir}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp_dir, ignore_errors=True)  # our own leftover from a killed build
+    # Killed builds' folders: under the lock no live build owns one.
+    for leftover in glob.glob(f"{glob.escape(out_dir)}.tmp-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
     try:
         builder = BratsCases(modalities=modalities, layout=layout, layout_file=layout_file,
                              normalization=normalization, scale=scale, margin=margin, on_case=on_case,
