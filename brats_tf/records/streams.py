@@ -107,9 +107,7 @@ def _key(seed, *numbers):
 
 def pick_where(key, mask):
     """Index of a uniformly chosen True entry of `mask` (of any entry if none is True)."""
-    mask = tf.logical_or(mask, tf.logical_not(tf.reduce_any(mask)))
-    logits = tf.where(mask, 0.0, -1e9)[tf.newaxis]
-    return tf.cast(tf.random.stateless_categorical(logits, 1, seed=key)[0, 0], tf.int32)
+    return pick_many(key, mask, 1)[0]
 
 
 def pick_many(key, mask, n):
