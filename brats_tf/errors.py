@@ -44,6 +44,16 @@ def quiet_libraries():
     warnings.simplefilter("ignore")
 
 
+def os_error_line(err):
+    """`path: problem` for an OSError (`[Errno 13] Permission denied: 'x'` reads as
+    `x: permission denied`); the message alone when it names no file."""
+    problem = (err.strerror or str(err)).lower() if err.strerror else str(err)
+    if err.filename is None:
+        return problem
+    target = f" -> {err.filename2}" if err.filename2 else ""
+    return f"{err.filename}{target}: {problem}"
+
+
 def run_main(main_fn):
     """Wraps an absl main so expected errors print one line and exit 1, no traceback, and
     library chatter stays hidden unless asked for (`quiet_libraries`)."""
@@ -54,6 +64,9 @@ def run_main(main_fn):
             return main_fn(argv)
         except (DataError, ConfigError) as err:
             print(f"error: {err}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as err:   # the machine's side of bad input: permissions, a full disk
+            print(f"error: {os_error_line(err)}", file=sys.stderr)
             sys.exit(1)
 
     return wrapped

@@ -66,7 +66,8 @@ def paste(cropped, box, fill=0):
     return full
 
 
-def normalize(image, brain, method="median", scale=DEFAULT_MEDIAN_SCALE, modalities=None, path="case"):
+def normalize(image, brain, method="median", scale=DEFAULT_MEDIAN_SCALE, modalities=None, path="case",
+              channel_paths=()):
     """Per-modality intensity normalization inside the brain; outside it is set to 0.
 
     median: x / median(brain voxels) * scale  [M §3.1]   (brain = mask, or non-zero voxels)
@@ -79,16 +80,17 @@ def normalize(image, brain, method="median", scale=DEFAULT_MEDIAN_SCALE, modalit
     for k in range(image.shape[-1]):
         channel = image[..., k]
         name = modalities[k] if modalities else f"channel {k}"
+        where = channel_paths[k] if channel_paths else path
         # Without a mask file, 'brain' is the union over modalities: use this modality's
         # own non-zero voxels for its statistics, as the paper's median does.
         inside = brain & (channel != 0)
         values = channel[inside]
         if values.size == 0:
-            raise DataError(path, f"{name} is all zero inside the brain")
+            raise DataError(where, f"{name} is all zero inside the brain")
         if method == "median":
             median = float(np.median(values))
             if median <= 0:
-                raise DataError(path, f"{name} has a non-positive median ({median:.3g}) inside the brain; "
+                raise DataError(where, f"{name} has a non-positive median ({median:.3g}) inside the brain; "
                                       f"use --normalization=zscore for data with negative intensities")
             out[..., k] = np.where(brain, channel * (scale / median), 0)
         elif method == "zscore":
@@ -116,6 +118,6 @@ def prepare_case(loaded, normalization="median", scale=DEFAULT_MEDIAN_SCALE, mar
     box = brain_box(brain, margin, path=loaded.case_id)
     brain_c = crop(brain, box)
     image = normalize(crop(loaded.image, box), brain_c, normalization, scale,
-                      loaded.modalities, path=loaded.case_id)
+                      loaded.modalities, path=loaded.case_id, channel_paths=loaded.paths)
     label = crop(loaded.label, box) if loaded.label is not None else None
     return PreparedCase(loaded.case_id, image, label, brain_c, box, loaded.modalities)

@@ -156,6 +156,9 @@ def test_missing_modality_file(tmp_path):
 
 
 def test_empty_directory(tmp_path):
+    with pytest.raises(DataError, match="empty folder: no cases"):
+        discover_cases(tmp_path, layout="brats2017")
+    (tmp_path / "notes.txt").write_text("no images here")
     with pytest.raises(DataError, match="cannot detect the dataset layout"):
         discover_cases(tmp_path)
     with pytest.raises(DataError, match="no cases found"):

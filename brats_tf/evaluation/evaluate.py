@@ -136,7 +136,11 @@ def read_evaluation_csv(path):
             records = list(csv.reader(f))
     except OSError as err:
         raise DataError(path, f"cannot read evaluation CSV ({err.strerror})") from None
-    if not records or not records[0] or records[0][0].strip() != "Label":
+    except (UnicodeDecodeError, csv.Error) as err:
+        raise DataError(path, f"not an evaluation CSV ({err})") from None
+    if not records:
+        raise DataError(path, "not an evaluation CSV: the file is empty")
+    if not records[0] or records[0][0].strip() != "Label":
         raise DataError(path, "not an evaluation CSV: the first column of the header must be 'Label'")
     header = [h.strip() for h in records[0]]
     rows, summary, seen = [], {}, set()

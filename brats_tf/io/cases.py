@@ -5,6 +5,7 @@
 files agree in shape and geometry.
 """
 
+import fnmatch
 import glob
 import os
 from dataclasses import dataclass, field
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brats_tf.constants import MODALITIES
-from brats_tf.errors import DataError
+from brats_tf.errors import ConfigError, DataError
 from brats_tf.io import layouts as layouts_lib
 from brats_tf.io.labels import map_labels
 from brats_tf.io.nifti import load_volume
@@ -51,6 +52,16 @@ class LoadedCase:
     geometry: object             # io.nifti.Geometry of the first modality
     label: np.ndarray = None     # (X, Y, Z) uint8, internal convention
     mask: np.ndarray = None      # (X, Y, Z) bool brain mask from a mask file
+    paths: tuple = ()            # the file of each channel, for errors about one sequence
+
+
+def requested_modalities(requested):
+    """The sequences a `--modalities` flag names, in canonical order; an unknown name is a
+    ConfigError."""
+    unknown = [m for m in requested if m not in MODALITIES]
+    if unknown:
+        raise ConfigError(f"unknown modalities {unknown}; use {list(MODALITIES)}")
+    return [m for m in MODALITIES if m in requested]
 
 
 def discover_cases(data_dir, layout="auto", layout_file=None):
@@ -58,6 +69,8 @@ def discover_cases(data_dir, layout="auto", layout_file=None):
     data_dir = os.path.abspath(os.fspath(data_dir))
     if not os.path.isdir(data_dir):
         raise DataError(data_dir, "data directory not found")
+    if not os.listdir(data_dir):
+        raise DataError(data_dir, "empty folder: no cases")
     if layout_file:
         spec = layouts_lib.load_layout_file(layout_file)
     else:
@@ -106,31 +119,39 @@ def _case_folders(data_dir, spec):
 
 def _matches_any(folder, spec):
     case_id = os.path.basename(folder)
-    return any(_resolve(folder, case_id, patterns) for patterns in spec.modalities.values())
+    return any(_resolve(folder, case_id, patterns, modality) for modality, patterns in spec.modalities.items())
 
 
-def _resolve(folder, case_id, patterns):
-    """Path of the first pattern that matches exactly one file; None when none matches."""
+def _resolve(folder, case_id, patterns, what):
+    """Path of the one file the patterns name; None when none does. File names compare
+    case-insensitively and every pattern is tried, so two files of one sequence
+    (`_flair.nii.gz` beside `_flair.nii` or `_FLAIR.nii.gz`) are refused, never chosen among."""
+    found = []
     for pattern in patterns:
-        matches = sorted(glob.glob(os.path.join(glob.escape(folder), pattern.replace("{id}", glob.escape(case_id)))))
-        if len(matches) > 1:
-            raise DataError(folder, f"pattern {pattern!r} matches {len(matches)} files; make it specific")
-        if matches:
-            return matches[0]
-    return None
+        head, tail = os.path.split(pattern.replace("{id}", glob.escape(case_id)))
+        directories = glob.glob(os.path.join(glob.escape(folder), head)) if head else [folder]
+        for directory in filter(os.path.isdir, directories):
+            found += [os.path.join(directory, name) for name in sorted(os.listdir(directory))
+                      if fnmatch.fnmatchcase(name.lower(), tail.lower())
+                      and (tail.startswith(".") or not name.startswith("."))]
+    found = list(dict.fromkeys(found))
+    if len(found) > 1:
+        names = ", ".join(os.path.relpath(path, folder) for path in found)
+        raise DataError(folder, f"{len(found)} {what} files ({names}); keep one")
+    return found[0] if found else None
 
 
 def _case_from_folder(folder, spec):
     case_id = os.path.basename(folder)
     images, missing = {}, {}
     for modality, patterns in spec.modalities.items():
-        path = _resolve(folder, case_id, patterns)
+        path = _resolve(folder, case_id, patterns, modality)
         if path:
             images[modality] = Source(path)
         else:
             missing[modality] = os.path.join(folder, patterns[0].replace("{id}", case_id))
-    label = _resolve(folder, case_id, spec.label) if spec.label else None
-    mask = _resolve(folder, case_id, spec.mask) if spec.mask else None
+    label = _resolve(folder, case_id, spec.label, "label") if spec.label else None
+    mask = _resolve(folder, case_id, spec.mask, "brain mask") if spec.mask else None
     if spec.mask and mask is None:
         raise DataError(os.path.join(folder, spec.mask[0]), "brain mask file named by the layout is missing")
     return Case(case_id, spec.name, images, missing,
@@ -188,7 +209,8 @@ def load_case(case, modalities=None, with_label=True):
         raw, geo = load_volume(case.mask.path)
         _check_same_grid(case.mask.path, geo, *geometry)
         mask = raw > 0.5
-    return LoadedCase(case.case_id, image, modalities, geometry[0], label=label, mask=mask)
+    return LoadedCase(case.case_id, image, modalities, geometry[0], label=label, mask=mask,
+                      paths=tuple(case.images[m].path for m in modalities))
 
 
 def _read(source, cache):

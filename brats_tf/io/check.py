@@ -7,7 +7,7 @@ import numpy as np
 
 from brats_tf.constants import CLASS_NAMES, MODALITIES, NUM_CLASSES
 from brats_tf.errors import DataError
-from brats_tf.io.cases import discover_cases
+from brats_tf.io.cases import discover_cases, requested_modalities
 from brats_tf.io.labels import map_labels
 from brats_tf.io.nifti import load_volume
 
@@ -41,6 +41,7 @@ def check_dataset(data_dir, layout="auto", layout_file=None, modalities=None, al
                   on_case=None):
     """Validates every case; returns a CheckReport (never raises for bad case data)."""
     report = CheckReport()
+    modalities = requested_modalities(modalities) if modalities else None
     try:
         cases = discover_cases(data_dir, layout, layout_file)
     except DataError as err:
@@ -62,7 +63,7 @@ def _check_case(case, expected, allow_missing, report):
     if not allow_missing:
         problems += [f"{case.missing.get(m, case.case_id)}: missing {m} image for case {case.case_id}"
                      for m in expected if m not in case.images]
-    reference, brain = None, None
+    reference, brain, blank = None, None, []
     for modality, source in case.images.items():
         data = _load_or_report(source.path, problems, allow_4d=source.channel is not None)
         if data is None:
@@ -70,7 +71,8 @@ def _check_case(case, expected, allow_missing, report):
         volume, geo = data
         if source.channel is not None:
             if volume.ndim != 4 or source.channel >= volume.shape[3]:
-                problems.append(f"{source.path}: expected a 4D image with channel {source.channel}")
+                problems.append(f"{source.path}: expected a 4D image with a channel per sequence, "
+                                f"found shape {volume.shape}")
                 continue
             volume = volume[..., source.channel]
         if not _same_grid(source.path, geo, reference, problems):
@@ -78,6 +80,8 @@ def _check_case(case, expected, allow_missing, report):
         reference = reference or (geo, source.path)
         nonzero = volume != 0
         brain = nonzero if brain is None else (brain | nonzero)
+        if not nonzero.any():
+            blank.append(f"{source.path}: {modality} is all zero")
     if case.mask is not None:
         data = _load_or_report(case.mask.path, problems)
         if data is not None and _same_grid(case.mask.path, data[1], reference, problems):
@@ -87,6 +91,8 @@ def _check_case(case, expected, allow_missing, report):
     elif brain is not None and not brain.any():
         problems.append(f"{os.path.dirname(next(iter(case.images.values())).path)}: "
                         f"empty brain (all images are zero)")
+        blank = []
+    problems += blank   # build_records and segment refuse a blank sequence (preprocess.py)
     if case.label is not None:
         data = _load_or_report(case.label.path, problems)
         if data is not None and _same_grid(case.label.path, data[1], reference, problems):
@@ -98,7 +104,7 @@ def _check_case(case, expected, allow_missing, report):
                 report.cases_per_class += counts > 0
             except DataError as err:
                 problems.append(str(err))
-    return problems
+    return list(dict.fromkeys(problems))   # an MSD file holds four sequences: one line per problem
 
 
 def _load_or_report(path, problems, allow_4d=False):

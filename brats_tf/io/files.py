@@ -6,6 +6,8 @@ import os
 import re
 import tempfile
 
+from brats_tf.errors import DataError
+
 _MISSING = object()
 
 
@@ -23,9 +25,12 @@ def atomic_write(path, write_fn):
         write_fn(tmp)
         os.chmod(tmp, 0o666 & ~_umask())   # mkstemp creates 0600; outputs are ordinary files
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.filename in (None, tmp):
+            # a full disk or a file-size limit: name the file the user asked for
+            raise DataError(path, f"cannot write ({err.strerror or err})") from err
         raise
 
 

@@ -20,7 +20,7 @@ from absl import logging
 from brats_tf import preprocess
 from brats_tf.constants import MODALITIES, NUM_CLASSES
 from brats_tf.errors import ConfigError, DataError
-from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.io.cases import discover_cases, load_case, requested_modalities
 from brats_tf.io import locks
 from brats_tf.io.files import write_json
 from brats_tf.records import schema
@@ -119,7 +119,7 @@ def _build_records(data_dir, out_dir, layout, layout_file, normalization, modali
                              normalization=normalization, scale=scale, margin=margin, on_case=on_case,
                              data_dir=os.path.join(tmp_dir, "tfds"))
         tfds.disable_progress_bar()
-        with _tfds_prints_unless_info():
+        with _tfds_prints_unless_info(), _write_failures_name(out_dir):
             # One record file per case: a streaming sampler reads exactly the cases it needs.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=os.path.abspath(data_dir), verify_ssl=False, num_shards=len(cases)))
@@ -141,6 +141,24 @@ def _build_records(data_dir, out_dir, layout, layout_file, normalization, modali
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return manifest
+
+
+@contextlib.contextmanager
+def _write_failures_name(out_dir):
+    """A full disk or a file-size limit while TFDS writes (it wraps the file system's error in
+    a RuntimeError) becomes one line naming the record set; other errors pass unchanged."""
+    try:
+        yield
+    except DataError:
+        raise
+    except Exception as err:
+        cause = err
+        while cause is not None and not isinstance(cause, (OSError, tf.errors.OpError)):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        from brats_tf.records.reader import short_error   # reader imports this module
+        raise DataError(out_dir, f"cannot write the records ({short_error(cause)})") from err
 
 
 def _add_record_files(folder, manifest_cases):
@@ -175,10 +193,7 @@ def _tfds_prints_unless_info():
 def _resolve_modalities(cases, requested, allow_missing):
     """Requested modalities (canonical order), or every modality some case has."""
     if requested:
-        unknown = [m for m in requested if m not in MODALITIES]
-        if unknown:
-            raise ConfigError(f"unknown modalities {unknown}; use {list(MODALITIES)}")
-        modalities = [m for m in MODALITIES if m in requested]
+        modalities = requested_modalities(requested)
     else:
         modalities = [m for m in MODALITIES if any(m in c.images for c in cases)]
     if not allow_missing:
