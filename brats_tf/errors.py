@@ -1,6 +1,7 @@
 """Errors for expected bad input, and the CLI wrapper that reports them in one line."""
 
 import logging
+import re
 import sys
 import warnings
 
@@ -19,6 +20,21 @@ class DataError(Exception):
 
 class ConfigError(Exception):
     """A flag or config value that cannot be used; the message says which and why."""
+
+
+def short_error(err, limit=200):
+    """First line of an error's message, without TensorFlow's {{function_node ...}} and
+    [Op:...] decorations, cut at `limit` characters."""
+    text = getattr(err, "message", None) or str(err)
+    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", text.strip(), flags=re.S)
+    lines = text.strip().splitlines()
+    return (lines[0] if lines else type(err).__name__)[:limit]
+
+
+def file_system_words(err):
+    """The file system's words that end a TensorFlow write error (`…/x.tempstate123; File too
+    large`): what a user needs, where the temporary path is noise."""
+    return short_error(err, limit=None).rsplit("; ", 1)[-1][:200]
 
 
 def require_kind(kind, known, what):

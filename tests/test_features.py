@@ -61,6 +61,7 @@ def handmade_2d_models(template, workdir, train_cases, seed, orientations=ORIENT
     paths = {}
     for orientation in orientations:
         info = json.loads(open(os.path.join(template[orientation], "model_info.json")).read())
+        info.pop("model_sha256", None)   # the template's: it describes another network
         keras.utils.set_random_seed(seed)
         model = unet2d.build_2d_model(info["kind"], info["modalities"], info["preset"], **sizes)
         info["pooling_factor"] = unet2d.pooling_factor(info["kind"], info["preset"], **sizes)

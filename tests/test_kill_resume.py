@@ -1,6 +1,7 @@
 """Kill -9 at seeded random moments, re-run the same command, lose nothing (issue 17, item 2):
 the 2D, 3D and baseline trainers end bit-identical to an uninterrupted run (op determinism on);
-build_records and extract_features end with the same records and features."""
+build_records and extract_features end with the same records and features; run_experiment,
+killed inside each of its stages, ends with the same models, label maps and evaluation."""
 
 import csv
 import os
@@ -145,3 +146,49 @@ def test_extract_features_killed_then_rerun_resumes_to_the_same_features(data, t
     manifest = features.load_manifest(out)
     assert manifest["complete"] and manifest["cases"] == features.load_manifest(tmp_path / "reference")["cases"]
     assert not [p.name for p in out.iterdir() if ".tmp" in p.name or p.name.endswith(".lock")]
+
+
+EXPERIMENT = ["run_experiment", "--experiment=demo", "--config=brats_tf/configs/experiments.py:tiny",
+              "--config.twod.deterministic=True", "--config.threed.deterministic=True", "--seed=0"]
+
+
+def _start_logged(args, log):
+    """A run whose output goes to `log` (read while it runs, to kill it inside a stage)."""
+    with open(log, "w") as out:
+        return subprocess.Popen([sys.executable, "-m", *args], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+                                text=True)
+
+
+def _experiment_results(workdir):
+    """What the demo computes: every model's weights, the evaluation CSVs and the label maps
+    (not the predictions' manifest: it lists the models by the sha256 of `model.keras`, and
+    Keras stamps each save with its date)."""
+    demo = workdir / "demo"
+    weights = {str(p.parent.relative_to(demo)): _weights(p.parent) for p in sorted(demo.rglob("model.keras"))}
+    files = {str(p.relative_to(demo)): p.read_bytes() for folder in ("evaluation", "predictions")
+             for p in sorted((demo / folder).rglob("*")) if p.is_file() and p.name != "manifest.json"}
+    return weights, files
+
+
+def test_run_experiment_killed_in_every_stage_ends_with_the_same_results(tmp_path):
+    """The tiny demo (op determinism on) killed once inside each of its seven stages, each
+    time re-run: its models, label maps and evaluation equal an uninterrupted run's."""
+    reference = tmp_path / "reference"
+    process = _start_logged([*EXPERIMENT, f"--workdir={reference}"], tmp_path / "reference.log")
+    assert process.wait(timeout=1800) == 0, (tmp_path / "reference.log").read_text()[-3000:]
+    run, rng, killed_in = tmp_path / "run", np.random.default_rng(17), []
+    for stage in range(1, 8):
+        log = tmp_path / f"run-{stage}.log"
+        process = _start_logged([*EXPERIMENT, f"--workdir={run}"], log)
+        if _kill_when(process, lambda: f"[{stage}/7]" in log.read_text(), float(rng.uniform(0, 1.5))):
+            killed_in.append(stage)
+    assert len(killed_in) >= 5, killed_in      # most kills land inside a stage, none after the end
+    process = _start_logged([*EXPERIMENT, f"--workdir={run}"], tmp_path / "final.log")
+    assert process.wait(timeout=1800) == 0, (tmp_path / "final.log").read_text()[-3000:]
+    (got_weights, got_files), (want_weights, want_files) = _experiment_results(run), _experiment_results(reference)
+    assert sorted(got_weights) == sorted(want_weights) and sorted(got_files) == sorted(want_files)
+    for name, weights in want_weights.items():
+        for got, want in zip(got_weights[name], weights, strict=True):
+            np.testing.assert_array_equal(got, want, err_msg=name)
+    for name, content in want_files.items():
+        assert got_files[name] == content, name

@@ -107,7 +107,7 @@ def test_trainer_refuses_a_work_dir_in_use_and_releases_its_lock(tmp_path, holde
     # A free work dir is locked from the start and released when the run fails.
     with pytest.raises(DataError):
         Trainer(config, tmp_path / "free").run()
-    assert (tmp_path / "free" / "config.json").exists()
+    assert not (tmp_path / "free" / "config.json").exists()   # refused before anything is written
     assert not (tmp_path / "free" / locks.LOCK_FILE).exists()
 
 

@@ -3,6 +3,8 @@
 
 import ml_collections
 
+from brats_tf.errors import ConfigError
+
 
 def base_config(stage, preset):
     c = ml_collections.ConfigDict()
@@ -51,3 +53,34 @@ def training_loop(iterations, checkpoint_every, val_every):
     train.strategy = "off"                  # off | mirrored | multi_worker | tpu
     train.jit_compile = False               # XLA: 11x slower on CPU here (KERAS3_NOTES)
     return train
+
+
+# Lower bounds of the fields every trainer's config has (where it has them): below them a
+# run would export an untrained model, loop forever or divide by zero some steps later.
+MINIMUM = {"seed": 0, "train.iterations": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
+           "train.val_every": 0, "data.batch_size": 1, "data.num_val_cases": 0, "data.window_cases": 1,
+           "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1}
+POSITIVE = ("optim.learning_rate",)
+
+
+def check_ranges(config, prefix="--config", minimum=None, positive=POSITIVE):
+    """Refuses (ConfigError, naming the flag) a config value out of range, before any work:
+    below `minimum` ({dotted key: lower bound}, default a trainer's MINIMUM) or not > 0
+    (`positive`); absent keys are skipped. `prefix` spells the field as the user gave it
+    (run_experiment: --config.twod). Returns the config."""
+    def value(key):
+        node = config
+        for part in key.split("."):
+            if not hasattr(node, "keys") or part not in node:
+                return None
+            node = node[part]
+        return node
+    for key, low in (MINIMUM if minimum is None else minimum).items():
+        v = value(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low):
+            raise ConfigError(f"{prefix}.{key}={v}: must be a number >= {low}")
+    for key in positive:
+        v = value(key)
+        if v is not None and not (isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0):
+            raise ConfigError(f"{prefix}.{key}={v}: must be a number > 0")
+    return config

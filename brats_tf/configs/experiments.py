@@ -36,7 +36,7 @@ import re
 
 import ml_collections
 
-from brats_tf.configs import baselines, train2d, train3d
+from brats_tf.configs import baselines, common, train2d, train3d
 from brats_tf.constants import TILE_SIZE_3D
 from brats_tf.errors import ConfigError
 
@@ -126,13 +126,35 @@ def at_scale(scale, overrides):
 
 def from_flags(config_flag, scale_flag):
     """run_experiment's config from its flags: the --scale preset with the --config.x
-    overrides, or the preset that --config=FILE:PRESET names (--scale, if given, must agree)."""
+    overrides, or the preset that --config=FILE:PRESET names (--scale, if given, must agree);
+    values out of range are refused (`check_ranges`)."""
     if not config_flag.present:
-        return at_scale(scale_flag.value, config_flag.override_values)
+        return check_ranges(at_scale(scale_flag.value, config_flag.override_values))
     if scale_flag.present and scale_flag.value != config_flag.value.scale:
         raise ConfigError(f"--scale={scale_flag.value} and --config (preset {config_flag.value.scale}) disagree; "
                           f"give one")
-    return config_flag.value
+    return check_ranges(config_flag.value)
+
+
+# Lower bounds of the experiment-level fields (the model sections: common.check_ranges).
+MINIMUM = {"num_cases": 1, "num_val": 0, "pretrain_iterations": 0, "tile_size": 1,
+           "shen.num_val": 0, "shen.target_train": 1, "shen.transfer_iterations": 0}
+
+
+def check_ranges(config):
+    """`config` when every value an experiment reads is in range, else ConfigError naming
+    the --config flag; checked before any work (a bad 3D value would otherwise stop the run
+    after the 2D models' training). Returns the config."""
+    common.check_ranges(config, "--config", MINIMUM, positive=())
+    for key in ("test_fraction", "shen.test_fraction"):
+        value = config.shen.test_fraction if key.startswith("shen.") else config.test_fraction
+        if not (isinstance(value, (int, float)) and 0 <= value < 1):
+            raise ConfigError(f"--config.{key}={value}: must be a fraction in [0, 1)")
+    common.check_ranges(config.twod, "--config.twod")
+    common.check_ranges(config.threed, "--config.threed")
+    for kind in baselines.MODELS:
+        common.check_ranges(config.shen[kind], f"--config.shen.{kind}")
+    return config
 
 
 def unknown_override(argv, flag="config"):

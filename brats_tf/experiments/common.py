@@ -10,6 +10,7 @@ import os
 import time
 
 from brats_tf.synthetic import generator
+from brats_tf.configs import common as common_configs
 from brats_tf.configs import experiments as experiment_configs
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases
@@ -67,9 +68,11 @@ def experiment_config(args):
     for section in (config.twod, config.threed):
         if section.train.strategy == "off":
             section.train.strategy = strategy
-    for stage in ("2d", "3d"):   # unknown keys refused before any work
-        old_overrides(copy.deepcopy(config.twod if stage == "2d" else config.threed), args, stage)
-    return config
+    for stage in ("2d", "3d"):   # unknown keys and values out of range refused before any work
+        common_configs.check_ranges(
+            old_overrides(copy.deepcopy(config.twod if stage == "2d" else config.threed), args, stage),
+            "--config_2d" if stage == "2d" else "--config_3d")
+    return experiment_configs.check_ranges(config)
 
 
 def old_overrides(model_config, args, stage):

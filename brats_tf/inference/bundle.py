@@ -67,6 +67,10 @@ def read_bundle_json(folder):
         raise DataError(path, "no bundle.json: not a model bundle (write one with python -m brats_tf.export)") from None
     except json.JSONDecodeError as err:
         raise DataError(path, f"not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:   # damaged bytes are seldom UTF-8
+        raise DataError(path, "not valid JSON (not UTF-8 text)") from None
+    if not isinstance(manifest, dict):
+        raise DataError(path, "not a JSON object")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise DataError(path, f"not a {FORMAT} of format_version {FORMAT_VERSION} "
                               f"(found {manifest.get('format')!r} {manifest.get('format_version')!r})")

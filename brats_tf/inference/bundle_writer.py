@@ -24,7 +24,7 @@ import numpy as np
 import tensorflow as tf
 
 from brats_tf.constants import CLASS_NAMES, OUTPUT_LABEL_MAPS, REGIONS, TILE_SIZE_3D
-from brats_tf.errors import ConfigError, DataError
+from brats_tf.errors import ConfigError, DataError, file_system_words
 from brats_tf.inference import bundle as bundle_lib
 from brats_tf.inference import ensemble, predict
 from brats_tf.inference import features as features_lib
@@ -86,8 +86,11 @@ def export_bundle(models, out_dir, max_grid=DEFAULT_MAX_GRID, tile_size=TILE_SIZ
             raise ConfigError(f"{model.path}: a {model.stage} model cannot be bundled (2d and 3d models can)")
     ids = {id(m): _network_id(i, m) for i, m in enumerate(networks)}
     parent = os.path.dirname(out)
-    os.makedirs(parent, exist_ok=True)
-    building = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        building = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.", suffix=".partial", dir=parent)
+    except OSError as err:
+        raise DataError(out, f"cannot write the bundle beside it ({err.strerror or err})") from None
     try:
         entries = []
         for model in networks:
@@ -104,8 +107,10 @@ def export_bundle(models, out_dir, max_grid=DEFAULT_MAX_GRID, tile_size=TILE_SIZ
         manifest["content_sha256"] = bundle_lib.content_sha256(manifest)
         write_json(os.path.join(building, bundle_lib.BUNDLE_FILE), manifest)
         _move_into_place(building, out, overwrite)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(building, ignore_errors=True)   # our own temporary folder
+        if isinstance(err, tf.errors.OpError):   # TensorFlow's SavedModel writer: a full disk
+            raise DataError(out, f"cannot write the bundle ({file_system_words(err)})") from None
         raise
     return manifest
 

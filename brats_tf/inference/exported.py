@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from brats_tf.constants import ORIENTATIONS
-from brats_tf.errors import ConfigError, DataError
+from brats_tf.errors import ConfigError, DataError, short_error
 from brats_tf.inference import predict
 from brats_tf.io import splits
 from brats_tf.constants import SLICE_AXIS
@@ -46,11 +46,28 @@ def read_model_info(path):
     info_path = os.path.join(os.path.dirname(model_file(path)), "model_info.json")
     try:
         with open(info_path) as f:
-            return json.load(f)
+            info = json.load(f)
     except FileNotFoundError:
         raise DataError(info_path, "no model_info.json beside the model; export it with brats_tf.train") from None
     except json.JSONDecodeError as err:
         raise DataError(info_path, f"not valid JSON ({err.msg})") from None
+    except UnicodeDecodeError:   # damaged bytes are seldom UTF-8
+        raise DataError(info_path, "not valid JSON (not UTF-8 text)") from None
+    if not isinstance(info, dict):
+        raise DataError(info_path, "not a JSON object")
+    return info
+
+
+def check_model_file(file, info):
+    """The sha256 of a model file; DataError when model_info.json records another one (the
+    trainer records it at export: a changed file is damaged, or not the model the info
+    describes). Keras reads a `.keras` archive's weights without checking them all."""
+    actual = file_sha256(file)
+    recorded = info.get("model_sha256")
+    if recorded is not None and actual != recorded:
+        raise DataError(file, f"modified since export (sha256 {actual[:12]}..., model_info.json records "
+                              f"{str(recorded)[:12]}...); damaged or replaced: export it again")
+    return actual
 
 
 def trained_cases(path):
@@ -65,7 +82,7 @@ def describe_model(path):
     if not os.path.isfile(file):
         raise DataError(file, "model file not found")
     info = read_model_info(file)
-    return {"path": file, "sha256": file_sha256(file), "kind": info.get("kind"),
+    return {"path": file, "sha256": check_model_file(file, info), "kind": info.get("kind"),
             "orientation": info.get("orientation"), "iterations": info.get("iterations")}
 
 
@@ -160,8 +177,12 @@ def load_network(path, stage):
     (their custom layers must be registered to load)."""
     import keras
     from brats_tf.models import baselines, unet2d, unet3d  # noqa: F401 (registers custom layers)
-    model = keras.models.load_model(path)
+    try:
+        model = keras.models.load_model(path)
+    except Exception as err:   # Keras raises many kinds for a damaged archive (zip, HDF5, JSON, config)
+        raise DataError(path, f"cannot load the model ({short_error(err)})") from None
     return unet2d.inference_model(model) if stage == "2d" else model
+
 
 
 @dataclass
@@ -236,7 +257,7 @@ def load_exported(path):
         raise ConfigError(f"{file}: a pretrained subnetwork alone, not a segmentation model")
     if "preprocessing" not in info:
         raise ConfigError(f"{file}: model_info.json has no preprocessing record; re-export the model")
-    return ExportedModel(file, info, file_sha256(file))
+    return ExportedModel(file, info, check_model_file(file, info))
 
 
 @dataclass

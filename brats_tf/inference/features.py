@@ -29,18 +29,17 @@ import json
 import os
 import sys
 
-import keras
 import numpy as np
 import tensorflow as tf
 
 from brats_tf.inference import predict
-from brats_tf.inference.exported import describe_model, file_sha256, model_file, read_model_info, trained_cases
+from brats_tf.inference.exported import (describe_model, file_sha256, load_network, model_file, read_model_info,
+                                         trained_cases)
 from brats_tf.constants import CLASS_NAMES, ORIENTATIONS
-from brats_tf.errors import ConfigError, DataError
+from brats_tf.errors import ConfigError, DataError, file_system_words, short_error
 from brats_tf.io.manifest import read_manifest
 from brats_tf.io import locks, splits
 from brats_tf.io.files import atomic_write, remove_temporaries, write_json
-from brats_tf.models import unet2d
 from brats_tf.records import reader, schema
 
 MANIFEST = "features_manifest.json"
@@ -85,8 +84,8 @@ class FeatureExtractor:
 
     def _model(self, orientation):
         if orientation not in self.models:   # loaded on first use
-            full = keras.models.load_model(self.descriptions[orientation]["path"])
-            self.models[orientation] = predict.compiled(unet2d.inference_model(full))
+            network = load_network(self.descriptions[orientation]["path"], "2d")   # DataError if damaged
+            self.models[orientation] = predict.compiled(network)
         return self.models[orientation]
 
     def extract(self, image):
@@ -151,22 +150,62 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
         manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
         case_ids = [c["case_id"] for c in records_manifest["cases"]]
         todo = [i for i in case_ids if i not in manifest["cases"]]
-        for number, record_case in enumerate(reader.read_cases(records_dir, todo) if todo else [], 1):
-            case = record_case.prepared
-            source = _source_for(case.case_id, main_trained, folds)
-            extractor = main if source == "main" else folds[int(source[4:])]
-            image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
-            features = extractor.extract(image).astype(FEATURE_DTYPE)
-            name = f"{case.case_id}.tfrecord"
-            atomic_write(os.path.join(out_dir, name), lambda p: schema.write_feature_record(p, case.case_id, features))
-            manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
+        found, added = _read_bytes(os.path.join(out_dir, MANIFEST)), []
+        try:
+            for number, record_case in enumerate(reader.read_cases(records_dir, todo) if todo else [], 1):
+                case = record_case.prepared
+                source = _source_for(case.case_id, main_trained, folds)
+                extractor = main if source == "main" else folds[int(source[4:])]
+                image = select_channels(case.image, records_manifest["modalities"], extractor.modalities)
+                features = extractor.extract(image).astype(FEATURE_DTYPE)
+                name = f"{case.case_id}.tfrecord"
+                _write_feature_record(os.path.join(out_dir, name), case.case_id, features)
+                added.append(name)
+                manifest["cases"][case.case_id] = {"file": name, "shape": list(features.shape), "source": source}
+                _write_manifest(out_dir, manifest)
+                if verbose:
+                    print(f"  [{len(case_ids) - len(todo) + number}/{len(case_ids)}] {case.case_id}: "
+                          f"{features.shape} from {source} models", file=sys.stderr, flush=True)
+            manifest["complete"] = True
             _write_manifest(out_dir, manifest)
-            if verbose:
-                print(f"  [{len(case_ids) - len(todo) + number}/{len(case_ids)}] {case.case_id}: "
-                      f"{features.shape} from {source} models", file=sys.stderr, flush=True)
-        manifest["complete"] = True
-        _write_manifest(out_dir, manifest)
+        except (DataError, ConfigError):
+            _undo(out_dir, added, found)
+            raise
     return manifest
+
+
+def _write_feature_record(path, case_id, features):
+    """One case's feature record, atomically; a write TensorFlow refuses (a full disk) is a
+    DataError naming the file."""
+    try:
+        atomic_write(path, lambda tmp: schema.write_feature_record(tmp, case_id, features))
+    except tf.errors.OpError as err:
+        raise DataError(path, f"cannot write ({file_system_words(err)})") from None
+
+
+def _read_bytes(path):
+    if not os.path.isfile(path):
+        return None
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def _undo(out_dir, added, manifest_bytes):
+    """Bad input stopped the run: its feature files go and the manifest is as it was, so the
+    folder is as the run found it (an earlier run's features, or nothing). A killed run keeps
+    its cases instead: a re-run continues it."""
+    for name in added:
+        os.remove(os.path.join(out_dir, name))
+    path = os.path.join(out_dir, MANIFEST)
+    if manifest_bytes is None:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            f.write(manifest_bytes)
+    atomic_write(path, write)
 
 
 def _common_kind(extractor):
@@ -274,7 +313,7 @@ def load_features(features_dir, case_ids, shapes=None):
         try:
             records = [parse_feature_record(r) for r in tf.data.TFRecordDataset(path)]
         except tf.errors.OpError as err:    # missing, truncated, CRC mismatch, undecodable
-            raise DataError(path, f"cannot read features ({reader.short_error(err)})") from None
+            raise DataError(path, f"cannot read features ({short_error(err)})") from None
         if len(records) != 1 or records[0][0].numpy().decode() != case_id:
             raise DataError(path, f"not the feature record of case {case_id}; re-run data_prep.extract_features")
         array = records[0][1].numpy()

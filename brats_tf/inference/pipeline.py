@@ -22,9 +22,12 @@ This module imports neither Keras model code nor `brats_tf.models` itself (only 
 model, when loaded, does).
 """
 
+import glob
 import json
 import os
 import re
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -43,6 +46,7 @@ from brats_tf.io.nifti import save_volume
 
 MODALITY_FLAGS = ("t1", "t1c", "t2", "flair")
 BATCH_SIZE_2D = 8   # slices per forward pass of a 2D model
+STAGING_SUFFIX = ".segment.tmp"   # the hidden folder a case's outputs are written into first
 
 
 # --- input cases -------------------------------------------------------------------------------
@@ -237,8 +241,36 @@ def region_volumes_ml(labels, spacing):
 
 
 def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models):
+    """Writes a case's files so that they appear together: into a hidden folder in `out_dir`,
+    then renamed into place. A failure half way (a full disk) leaves none of them, and the
+    files of an earlier run as they were (not a new label map beside old volumes)."""
     if label_convention not in OUTPUT_LABEL_MAPS:
         raise ConfigError(f"label_convention={label_convention!r}: use one of {sorted(OUTPUT_LABEL_MAPS)}")
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        staging = tempfile.mkdtemp(prefix=f".{case_id}.", suffix=STAGING_SUFFIX, dir=out_dir)
+    except OSError as err:
+        raise DataError(out_dir, f"cannot write ({err.strerror or err})") from None
+    try:
+        staged = _write_case_files(case_id, geometry, labels, staging, label_convention, probabilities,
+                                   proportions, models)
+        written = {}
+        for key, path in staged.items():
+            written[key] = os.path.join(out_dir, os.path.basename(path))
+            os.replace(path, written[key])
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_staging(out_dir):
+    """Removes the hidden folders of runs killed while writing a case (`write_outputs`); only
+    while holding the output folder's lock, when no live run owns one."""
+    for path in glob.glob(os.path.join(glob.escape(out_dir), f".*{STAGING_SUFFIX}")):
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _write_case_files(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models):
     written = {}
     seg = os.path.join(out_dir, f"{case_id}_seg.nii.gz")
     write_label_map(seg, labels, geometry, label_convention)
@@ -287,6 +319,7 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
     results = []
     # One live writer per output folder; the lock lies beside it, so a refused case leaves no folder.
     with locks.hold(f"{os.path.abspath(out_dir)}.lock", os.path.abspath(out_dir)):
+        _remove_staging(out_dir)
         for case in cases:
             written = segment_case(case, plan, out_dir, **options)
             results.append((case.case_id, written))

@@ -8,7 +8,6 @@ cases read must be the manifest's, so a lost or renamed case is an error too.
 
 import math
 import os
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +16,7 @@ import tensorflow_datasets as tfds
 from google.protobuf import json_format, message
 
 from brats_tf.constants import MODALITIES, NUM_CLASSES
-from brats_tf.errors import DataError
+from brats_tf.errors import DataError, short_error
 from brats_tf.io.manifest import read_manifest
 from brats_tf.preprocess import NORMALIZATIONS, CropBox, PreparedCase
 from brats_tf.records import schema
@@ -212,13 +211,3 @@ def _bad_shard(records_dir, manifest):
             except tf.errors.OpError:
                 return os.path.join(folder, name)
     return folder
-
-
-def short_error(err):
-    """First line of an error's message, without TensorFlow's {{function_node ...}} and
-    [Op:...] decorations."""
-    text = getattr(err, "message", None) or str(err)
-    text = re.sub(r"\{\{function_node [^}]*\}\}\s*|\s*\[Op:[^\]]*\].*$", "", text.strip(), flags=re.S)
-    lines = text.strip().splitlines()
-    return (lines[0] if lines else type(err).__name__)[:200]
-

@@ -19,7 +19,7 @@ from absl import logging
 
 from brats_tf import preprocess
 from brats_tf.constants import MODALITIES, NUM_CLASSES
-from brats_tf.errors import ConfigError, DataError
+from brats_tf.errors import ConfigError, DataError, short_error
 from brats_tf.io.cases import discover_cases, load_case, requested_modalities
 from brats_tf.io import locks
 from brats_tf.io.files import write_json
@@ -157,7 +157,6 @@ def _write_failures_name(out_dir):
             cause = cause.__cause__ or cause.__context__
         if cause is None:
             raise
-        from brats_tf.records.reader import short_error   # reader imports this module
         raise DataError(out_dir, f"cannot write the records ({short_error(cause)})") from err
 
 

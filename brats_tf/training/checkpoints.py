@@ -1,19 +1,30 @@
 """Training checkpoints: model weights, optimizer slots and trainer state, written atomically.
 
-A checkpoint is a folder `ckpt-<iteration>` holding `model.weights.h5`, `rng.npz` (the
+A checkpoint is a folder `ckpt-<iteration>` holding `model_weights.npz` (every variable of
+`model.weights`, in order), `rng.npz` (the
 random-generator states of dropout layers), `optimizer.npz` (every optimizer variable:
 iteration counter, momentum, accumulators) and `state.json`
 (the LR schedule's state and anything else the trainer needs). It is written under a
 temporary name and renamed, so a run killed at any moment leaves only complete
 checkpoints; the newest one is what a re-run resumes from.
+
+Each file is an npz built in memory and written with plain Python writes, and state.json
+records their sha256: a full disk is one DataError (HDF5, which `save_weights` writes, left
+objects on a failing file whose cleanup printed tracebacks and crashed the interpreter at
+exit), and a file damaged since is refused at resume instead of loading other weights.
+Checkpoints written before (`model.weights.h5`, no hashes) still load.
 """
 
+import hashlib
+import io
 import json
 import os
 import re
 import shutil
 
 import numpy as np
+
+from brats_tf.errors import DataError, short_error
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 
@@ -42,18 +53,23 @@ class CheckpointStore:
         """Saves a checkpoint; with write=False (non-chief workers) only syncs nothing to disk."""
         if not write:
             return None
-        os.makedirs(self.directory, exist_ok=True)
         final = os.path.join(self.directory, f"ckpt-{iteration:08d}")
         tmp = os.path.join(self.directory, f".tmp-ckpt-{iteration:08d}-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        os.makedirs(tmp)
-        model.save_weights(os.path.join(tmp, "model.weights.h5"))
-        np.savez(os.path.join(tmp, "rng.npz"),
-                 **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(_rng_states(model))})
-        np.savez(os.path.join(tmp, "optimizer.npz"),
-                 **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(optimizer.variables)})
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(dict(state, iteration=iteration), f, indent=1)
+        files = {"model_weights.npz": _npz_bytes(model.weights),
+                 "rng.npz": _npz_bytes(_rng_states(model)),
+                 "optimizer.npz": _npz_bytes(optimizer.variables)}
+        state = dict(state, iteration=iteration, files={n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
+        files["state.json"] = json.dumps(state, indent=1).encode()   # last: it marks the checkpoint complete
+        try:
+            os.makedirs(self.directory, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            for name, data in files.items():
+                with open(os.path.join(tmp, name), "wb") as f:
+                    f.write(data)
+        except OSError as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise DataError(final, f"cannot write the checkpoint ({err.strerror or err})") from None
         if os.path.exists(final):
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -66,25 +82,23 @@ class CheckpointStore:
         if iteration is None:
             return None
         folder = os.path.join(self.directory, f"ckpt-{iteration:08d}")
-        model.load_weights(os.path.join(folder, "model.weights.h5"))
-        with np.load(os.path.join(folder, "optimizer.npz"), allow_pickle=False) as saved:
-            values = [saved[k] for k in sorted(saved.files)]
-        if len(values) != len(optimizer.variables):
-            raise ValueError(f"{folder}: optimizer has {len(optimizer.variables)} variables, "
-                             f"checkpoint {len(values)}")
-        for variable, value in zip(optimizer.variables, values):
-            variable.assign(value)
-        rng_path = os.path.join(folder, "rng.npz")
-        if os.path.exists(rng_path):   # absent in checkpoints written before it was added
-            with np.load(rng_path, allow_pickle=False) as saved:
-                states, keys = _rng_states(model), sorted(saved.files)
-                if len(states) != len(keys):
-                    raise ValueError(f"{folder}: model has {len(states)} random-generator states, "
-                                     f"checkpoint {len(keys)}")
-                for variable, key in zip(states, keys):
-                    variable.assign(saved[key])
-        with open(os.path.join(folder, "state.json")) as f:
-            return json.load(f)
+        state = _read_state(folder)
+        try:
+            return self._load(folder, state, model, optimizer)
+        except DataError:
+            raise
+        except Exception as err:   # h5py, zipfile and numpy raise many kinds for a damaged file
+            raise DataError(folder, f"cannot read the checkpoint ({short_error(err)}); {_RESUME_HINT}") from None
+
+    def _load(self, folder, state, model, optimizer):
+        if os.path.exists(os.path.join(folder, "model.weights.h5")):   # checkpoints written before model_weights.npz
+            model.load_weights(os.path.join(folder, "model.weights.h5"))
+        else:
+            _assign_saved(folder, "model_weights.npz", model.weights, "model weights")
+        _assign_saved(folder, "optimizer.npz", optimizer.variables, "optimizer variables")
+        if os.path.exists(os.path.join(folder, "rng.npz")):   # absent in checkpoints written before it was added
+            _assign_saved(folder, "rng.npz", _rng_states(model), "random-generator states")
+        return state
 
     def _prune(self):
         for iteration in self.complete()[:-self.keep]:
@@ -92,6 +106,49 @@ class CheckpointStore:
         for name in os.listdir(self.directory):   # leftovers of killed saves
             if name.startswith(".tmp-ckpt-") and not name.endswith(f"-{os.getpid()}"):
                 shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+
+
+_RESUME_HINT = "delete that checkpoint folder to resume from the one before it"
+
+
+def _read_state(folder):
+    """state.json of a checkpoint, after checking the sha256 it records of each other file
+    (checkpoints written before it recorded them are read as they are)."""
+    path = os.path.join(folder, "state.json")
+    try:
+        with open(path, "rb") as f:
+            state = json.loads(f.read().decode())
+    except (ValueError, UnicodeDecodeError) as err:   # json.JSONDecodeError is a ValueError
+        raise DataError(path, f"not valid JSON ({short_error(err)}); {_RESUME_HINT}") from None
+    if not isinstance(state, dict):
+        raise DataError(path, f"not a JSON object; {_RESUME_HINT}")
+    for name, recorded in (state.get("files") or {}).items():
+        file = os.path.join(folder, name)
+        if not os.path.isfile(file):
+            raise DataError(file, f"missing from the checkpoint; {_RESUME_HINT}")
+        with open(file, "rb") as f:
+            actual = hashlib.sha256(f.read()).hexdigest()
+        if actual != recorded:
+            raise DataError(file, f"modified since it was written (sha256 {actual[:12]}..., state.json records "
+                                  f"{str(recorded)[:12]}...); {_RESUME_HINT}")
+    return state
+
+
+def _assign_saved(folder, name, variables, what):
+    """Assigns the arrays of `folder/name` (an npz of v0000, v0001, ...) to `variables`, in order."""
+    with np.load(os.path.join(folder, name), allow_pickle=False) as saved:
+        keys = sorted(saved.files)
+        if len(keys) != len(variables):
+            raise ValueError(f"{folder}: the model has {len(variables)} {what}, the checkpoint {len(keys)}")
+        for variable, key in zip(variables, keys):
+            variable.assign(saved[key])
+
+
+def _npz_bytes(variables):
+    buffer = io.BytesIO()
+    np.savez(buffer, **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(variables)})
+    return buffer.getvalue()
+
 
 
 def _rng_states(model):

@@ -33,8 +33,9 @@ import tensorflow as tf
 from brats_tf.training import losses
 from brats_tf.evaluation import metrics
 from brats_tf.training.checkpoints import CheckpointStore
+from brats_tf.configs.common import check_ranges
 from brats_tf.constants import CLASS_NAMES, NUM_CLASSES, SLICE_AXIS
-from brats_tf.errors import ConfigError, DataError
+from brats_tf.errors import ConfigError, DataError, short_error
 from brats_tf.inference.exported import file_sha256
 from brats_tf.inference.features import PREPROCESSING_KEYS   # how inference must prepare a case
 from brats_tf.io import locks
@@ -171,7 +172,11 @@ class Trainer:
         c = self.config
         if c.data.records_dir is None:
             raise ConfigError("--config.data.records_dir is required")
-        os.makedirs(self.workdir, exist_ok=True)
+        check_ranges(c)
+        try:
+            os.makedirs(self.workdir, exist_ok=True)
+        except OSError as err:
+            raise DataError(self.workdir, f"cannot create the work dir ({err.strerror or err})") from None
         keras.utils.set_random_seed(c.seed)
         if c.deterministic:
             tf.config.experimental.enable_op_determinism()
@@ -179,8 +184,10 @@ class Trainer:
         self.chief = is_chief(self.strategy)
         if self.chief:   # one live run per work dir; held until `run` returns or raises
             self._lock.enter_context(locks.hold(os.path.join(self.workdir, locks.LOCK_FILE), self.workdir))
-            record_config(self.workdir, c)
+        # Damaged records are refused before anything is written to the work dir.
         self.manifest = reader.load_manifest(c.data.records_dir)
+        if self.chief:
+            record_config(self.workdir, c)
         info = completed_export(self.workdir, c.train.iterations)
         if info is None:
             return None
@@ -357,7 +364,7 @@ def _batches(data, records_dir):
         except StopIteration:
             return
         except tf.errors.OpError as err:
-            raise DataError(records_dir, f"training input failed: {reader.short_error(err)}") from None
+            raise DataError(records_dir, f"training input failed: {short_error(err)}") from None
 
 
 def _to_int(value):
