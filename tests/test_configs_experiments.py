@@ -34,9 +34,9 @@ def test_every_preset_says_what_its_name_says():
         assert c.twod.train.strategy == c.threed.train.strategy == "off"
     # Each model section is its train2d / train3d preset with the scale's settings, nothing else.
     assert experiments.changes(demo.twod, train2d.get_config("small")) == {
-        "optim.learning_rate": 0.1, "train.checkpoint_every": 30, "train.iterations": 90, "train.val_every": 30}
+        "deterministic": True, "optim.learning_rate": 0.1, "train.checkpoint_every": 30, "train.iterations": 90, "train.val_every": 30}
     assert experiments.changes(demo.threed, train3d.get_config("small")) == {
-        "model.input_size": 54, "optim.accumulation_steps": 1, "optim.learning_rate": 0.05,
+        "deterministic": True, "model.input_size": 54, "optim.accumulation_steps": 1, "optim.learning_rate": 0.05,
         "train.checkpoint_every": 15, "train.iterations": 45, "train.val_every": 0}
     assert experiments.changes(paper.twod, train2d.get_config("paper")) == {}
     assert experiments.changes(paper.threed, train3d.get_config("paper")) == {}

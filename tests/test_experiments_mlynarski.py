@@ -95,7 +95,7 @@ def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
                                            config_3d=["model.input_size=70", "model.levels=(4, 6, 8)"]))
     assert (two.train.iterations, sub.train.iterations, three.model.input_size) == (30, 30, 70)
     assert three.model.levels == (4, 6, 8)
-    assert "2D settings {'optim.learning_rate': 0.1" in M.Run(_args(tmp_path, scale="demo"), "demo", ("x",)) \
+    assert "2D settings {'deterministic': True, 'optim.learning_rate': 0.1" in M.Run(_args(tmp_path, scale="demo"), "demo", ("x",)) \
         ._settings_note(M.Data("D", "auto", None, "R", {"cases": [], "modalities": ["t1"], "normalization": "median"},
                                {"train": [], "val": [], "test": []}, "D", "auto", None))
 
