@@ -84,7 +84,8 @@ def get_config(preset="demo"):
         c.threed.optim.accumulation_steps = 1
         c.threed.train.val_every, c.threed.train.checkpoint_every = 0, 1
     if preset != "paper":
-        # Same seed, same table (op determinism; measured cost in BUILD_NOTES "The demo, reproducibly").
+        # Op determinism: same seed, same table (tiny: tested; demo: the 3D models still differ,
+        # BUILD_NOTES "The demo, reproducibly").
         c.twod.deterministic = c.threed.deterministic = True
     c.tile_size = TILE_SIZE_3D                # (threed.train.tile_size: the validation's, the same)
     c.shen = shen_config(preset)
