@@ -37,12 +37,17 @@ def truncated_gzip(path):
     Path(path).write_bytes(raw[: len(raw) * 2 // 3])
 
 
-def corrupt_gzip(path):
-    """64 bytes flipped in the middle of the stream: nibabel alone reads other voxels."""
+def _flip_middle(path, count, mask):
+    """`count` bytes in the middle of a file XOR-ed with `mask`."""
     raw = bytearray(Path(path).read_bytes())
     middle = len(raw) // 2
-    raw[middle:middle + 64] = bytes(b ^ 0x5A for b in raw[middle:middle + 64])
+    raw[middle:middle + count] = bytes(b ^ mask for b in raw[middle:middle + count])
     Path(path).write_bytes(bytes(raw))
+
+
+def corrupt_gzip(path):
+    """64 bytes flipped in the middle of the stream: nibabel alone reads other voxels."""
+    _flip_middle(path, 64, 0x5A)
 
 
 def impossible_header(path):
@@ -108,10 +113,7 @@ NIFTI_DAMAGE = {f.__name__: f for f in (not_nifti, png_renamed, truncated_gzip, 
 
 def corrupt_bytes(path):
     """A file of any kind (model.keras, checkpoint, JSON) with bytes flipped in its middle."""
-    raw = bytearray(Path(path).read_bytes())
-    middle = len(raw) // 2
-    raw[middle:middle + 32] = bytes(b ^ 0xA5 for b in raw[middle:middle + 32])
-    Path(path).write_bytes(bytes(raw))
+    _flip_middle(path, 32, 0xA5)
 
 
 def truncate_bytes(path):
