@@ -17,6 +17,9 @@ class DataError(Exception):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):   # picklable, so that an error in a child process reaches the parent
+        return type(self), (self.path, self.problem)
+
 
 class ConfigError(Exception):
     """A flag or config value that cannot be used; the message says which and why."""

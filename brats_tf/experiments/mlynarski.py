@@ -289,9 +289,8 @@ class Run:
             print(f"  {model.row}: complete ({model_dir})", flush=True)
             return model_dir
         print(f"  {model.row}: training {config.train.iterations} iterations in {model_dir}", flush=True)
-        keras.backend.clear_session()
         start = time.time()
-        result = trainer_class(config.stage)(config, model_dir).run()
+        result = common.call(self.scale.process_per_model, model_dir, train_model, config, model_dir)
         self.timings.record(model.row, train_s=time.time() - start)
         validation = ", ".join(f"{k[9:]} {v:.2f}" for k, v in result["validation"].items())
         print(f"  {model.row}: {time.time() - start:.0f} s" + (f"; validation Dice {validation}" if validation
@@ -308,7 +307,8 @@ class Run:
         except (DataError, ConfigError):
             pass
         start = time.time()
-        manifest = features_lib.extract_features(data.records_dir, out_dir, paths, overwrite=True, verbose=False)
+        manifest = common.call(self.scale.process_per_model, out_dir, features_lib.extract_features,
+                               data.records_dir, out_dir, paths, overwrite=True, verbose=False)
         self.timings.record(f"2D {kind} features", extract_s=time.time() - start)
         print(f"  2D {kind} features of {len(manifest['cases'])} cases: {time.time() - start:.0f} s", flush=True)
         return out_dir
@@ -419,6 +419,12 @@ class Run:
 
 
 # ------------------------------------------------------------------ helpers
+
+def train_model(config, model_dir):
+    """One model's training (module level: `common.in_child_process` runs it by name)."""
+    keras.backend.clear_session()
+    return trainer_class(config.stage)(config, model_dir).run()
+
 
 def split_case_ids(ids, scale, seed, external_test=False, subsets=0):
     """Seeded split over sorted ids: test (a fraction; none with an external test set),
