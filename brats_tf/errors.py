@@ -55,12 +55,23 @@ def quiet_libraries():
     records/writer.py), `1` debug. TensorFlow's C++ lines follow the same flag
     (brats_tf/__init__.py)."""
     from absl import flags
-    from absl import logging as absl_logging
     if "verbosity" in flags.FLAGS and flags.FLAGS["verbosity"].present:
         return
+    silence_libraries()
+
+
+def silence_libraries():
+    """What `quiet_libraries` does when --verbosity is not given (also for the processes a
+    command starts, which parse no flags)."""
+    from absl import logging as absl_logging
     absl_logging.set_verbosity(absl_logging.ERROR)
     logging.getLogger("tensorflow").setLevel(logging.ERROR)
     warnings.simplefilter("ignore")
+
+
+def libraries_silenced():
+    from absl import logging as absl_logging
+    return absl_logging.get_verbosity() <= absl_logging.ERROR
 
 
 def os_error_line(err):

@@ -63,3 +63,25 @@ def test_the_child_dies_with_its_parent(tmp_path):
             break
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z"
+
+
+def _absl_verbosity():
+    from absl import logging as absl_logging
+    return absl_logging.get_verbosity()
+
+
+def test_the_child_is_as_quiet_as_its_parent():
+    """A command hides library chatter unless --verbosity is given; its model processes too."""
+    import logging
+    import warnings
+    from absl import logging as absl_logging
+    from brats_tf import errors
+    before, tf_level = absl_logging.get_verbosity(), logging.getLogger("tensorflow").level
+    assert common.in_child_process("w", _absl_verbosity) > absl_logging.ERROR
+    try:
+        with warnings.catch_warnings():
+            errors.silence_libraries()
+            assert common.in_child_process("w", _absl_verbosity) == absl_logging.ERROR
+    finally:
+        absl_logging.set_verbosity(before)
+        logging.getLogger("tensorflow").setLevel(tf_level)

@@ -16,6 +16,7 @@ import time
 from brats_tf.synthetic import generator
 from brats_tf.configs import common as common_configs
 from brats_tf.configs import experiments as experiment_configs
+from brats_tf import errors
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases
 from brats_tf.io.files import write_json
@@ -164,16 +165,19 @@ def in_child_process(what, fn, *args, **kwargs):
     many large models trains each in its own process. `what` (a path) names the work in the
     error raised when the child dies (killed, out of memory)."""
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_die_with_parent) as pool:
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=context, initializer=_start_child,
+                                                initargs=(errors.libraries_silenced(),)) as pool:
         try:
             return pool.submit(fn, *args, **kwargs).result()
         except concurrent.futures.process.BrokenProcessPool:
             raise DataError(what, "its process died (killed, or out of memory)") from None
 
 
-def _die_with_parent():
+def _start_child(quiet):
     """Linux: the child gets SIGKILL when its parent dies, so a killed run leaves no trainer
-    writing into the work dir its re-run resumes from."""
+    writing into the work dir its re-run resumes from; it is as quiet as its parent."""
+    if quiet:
+        errors.silence_libraries()
     try:
         ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # 1: PR_SET_PDEATHSIG
     except (OSError, AttributeError):
