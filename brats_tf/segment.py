@@ -12,6 +12,11 @@ segmenting models are fused by the hierarchical vote. Also writes
 (--save_probabilities) and the vote-proportion maps P_tumor/P_core/P_enh
 (--save_proportions).
 
+A case lacking a sequence: 2D models trained with sequence dropout (train2d.py
+*_dropout presets) gate out its subnetwork; other models refuse unless
+--allow_missing=zero_fill. One line says which sequences are missing and how each is
+handled; <case_id>_volumes.json records it ("missing_sequences").
+
 --bundle: a model bundle written by `python -m brats_tf.export` instead of --models: its
 SavedModels run with the chains, thresholds, tile and batch sizes of its bundle.json, after
 every file's sha256 is checked. --max_grid X,Y,Z runs --models at the fixed shapes of a
@@ -46,6 +51,8 @@ flags.DEFINE_list("thresholds", [str(t) for t in ensemble.DEFAULT_THRESHOLDS],
 flags.DEFINE_bool("save_probabilities", False, "Also write <case_id>_probabilities.nii.gz (4 classes).")
 flags.DEFINE_bool("save_proportions", False, "Also write the vote-proportion maps <case_id>_P_*.nii.gz.")
 flags.DEFINE_integer("batch_size", pipeline.BATCH_SIZE_2D, "2D slices per forward pass.", lower_bound=1)
+flags.DEFINE_enum("allow_missing", None, ["zero_fill"], "Run models trained without sequence dropout on a case "
+                  "lacking one of their sequences, zero-filled (models trained with it need no flag).")
 flags.DEFINE_integer("tile_size", TILE_SIZE_3D, "Largest side of the output block of one 3D tile (its input: +44); "
                      "memory grows with its cube.", lower_bound=1)
 
@@ -59,7 +66,7 @@ def main(argv):
         layout_file=FLAGS.layout_file, case_id=FLAGS.case_id, mask=FLAGS.mask, bundle=FLAGS.bundle,
         max_grid=FLAGS.max_grid, label_convention=FLAGS.label_convention, thresholds=given("thresholds"),
         save_probabilities=FLAGS.save_probabilities, save_proportions=FLAGS.save_proportions,
-        batch_size=given("batch_size"), tile_size=given("tile_size"))
+        batch_size=given("batch_size"), tile_size=given("tile_size"), allow_missing=FLAGS.allow_missing)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,9 @@ def export_bundle(models, out_dir, max_grid=DEFAULT_MAX_GRID, tile_size=TILE_SIZ
     for model in networks:
         if model.stage not in ("2d", "3d"):
             raise ConfigError(f"{model.path}: a {model.stage} model cannot be bundled (2d and 3d models can)")
+        if model.info.get("presence"):   # its SavedModel would need a `present` input in the signature
+            raise ConfigError(f"{model.path}: a model trained with sequence dropout cannot be bundled yet; "
+                              f"segment it with --models")
     ids = {id(m): _network_id(i, m) for i, m in enumerate(networks)}
     parent = os.path.dirname(out)
     try:

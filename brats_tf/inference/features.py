@@ -91,10 +91,11 @@ class FeatureExtractor:
     def extract(self, image):
         """12 pre-softmax channels (float32) for an image holding `self.modalities` in order."""
         maps = []
-        for orientation in ORIENTATIONS:
+        for orientation in ORIENTATIONS:   # models trained with sequence dropout: the case's own presence
+            present = predict.sequences_present(image) if self.infos[orientation].get("presence") else None
             maps.append(predict.predict_2d_logits(
                 self._model(orientation), image, orientation,
-                self.infos[orientation]["pooling_factor"], self.batch_size))
+                self.infos[orientation]["pooling_factor"], self.batch_size, present))
         return np.concatenate(maps, axis=-1)
 
     def trained_cases(self):

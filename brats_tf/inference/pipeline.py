@@ -105,20 +105,63 @@ class PreparedInputs:
         return self.cache[key]
 
     def image_for(self, model):
-        """The model's input channels on its recipe's cropped grid (float32)."""
+        """The model's input channels on its recipe's cropped grid (float32); a sequence the
+        case lacks is zero-filled (`check_modalities` has allowed it), as records fill it."""
         prepared, present = self.prepared(model.info["preprocessing"])
-        return prepared.image[..., [present.index(m) for m in model.info["modalities"]]]
+        blank = np.zeros(prepared.image.shape[:3], prepared.image.dtype)
+        return np.stack([prepared.image[..., present.index(m)] if m in present else blank
+                         for m in model.info["modalities"]], axis=-1)
+
+    def present_for(self, model):
+        """(K,) 1.0 / 0.0 per sequence of the model: the `present` input of a model trained
+        with sequence dropout; None for the others."""
+        if not model.info.get("presence"):
+            return None
+        return np.array([m in self.case.images for m in model.info["modalities"]], np.float32)
 
 
-def check_modalities(case, models):
-    """Refuses a case lacking a modality some model needs, before any work."""
+def check_modalities(case, models, allow_missing=None):
+    """Refuses a case lacking a modality some model needs, before any work. A model trained
+    with sequence dropout (model_info "presence") runs without it, its subnetwork gated
+    out; the others only with allow_missing="zero_fill". Returns {model path: "gated" |
+    "zero_fill"} for the models that run without a sequence."""
+    if allow_missing not in (None, "zero_fill"):
+        raise ConfigError(f"--allow_missing={allow_missing!r}: the only choice is zero_fill")
+    handling = {}
     for model in models:
         missing = [m for m in model.info["modalities"] if m not in case.images]
-        if missing:
+        if not missing:
+            continue
+        if len(missing) == len(model.info["modalities"]):
+            allowed = False
+        elif model.info.get("presence"):
+            handling[model.path] = "gated"
+            continue
+        else:
+            allowed = allow_missing == "zero_fill"
+        if not allowed:
             where = case.missing.get(missing[0], case.case_id)
+            advice = "" if len(missing) == len(model.info["modalities"]) else \
+                "; it was trained without sequence dropout: --allow_missing=zero_fill runs it on zeros"
             raise DataError(where, f"case {case.case_id} has no {', '.join(missing)} image, which the "
                                    f"{model.describe()} model {model.path} needs (it uses "
-                                   f"{', '.join(model.info['modalities'])})")
+                                   f"{', '.join(model.info['modalities'])}){advice}")
+        handling[model.path] = "zero_fill"
+    return handling
+
+
+def missing_note(case, models, handling):
+    """The one line segment prints for a case lacking sequences, and what volumes.json records."""
+    wanted = [m for m in MODALITY_FLAGS if any(m in model.info["modalities"] for model in models)]
+    missing = [m for m in wanted if m not in case.images]
+    if not missing:
+        return None, None
+    gated = sum(1 for h in handling.values() if h == "gated")
+    zero = sum(1 for h in handling.values() if h == "zero_fill")
+    how = ", ".join(part for part in (f"{gated} model(s) trained with sequence dropout gate them out" if gated else "",
+                                      f"{zero} model(s) run with them zero-filled" if zero else "") if part)
+    return (f"{case.case_id}: no {', '.join(missing)} image; {how}",
+            {"missing": missing, "present": [m for m in wanted if m in case.images], "handling": handling})
 
 
 def check_grid(inputs, models):
@@ -137,9 +180,9 @@ def check_grid(inputs, models):
                                                  f"bundle again with a larger --max_grid")
 
 
-def predict_2d(model, image, batch_size):
+def predict_2d(model, image, batch_size, present=None):
     return predict.predict_2d_logits(model.network, image, model.info["orientation"],
-                                       model.info["pooling_factor"], batch_size)
+                                     model.info["pooling_factor"], batch_size, present)
 
 
 def chain_features(chain, inputs, batch_size, cache, dtype=None):
@@ -150,7 +193,8 @@ def chain_features(chain, inputs, batch_size, cache, dtype=None):
     dtype = np.dtype(dtype)
     key = (tuple(chain[o].sha256 for o in ORIENTATIONS), dtype.name)
     if key not in cache:
-        maps = [predict_2d(chain[o], inputs.image_for(chain[o]), batch_size) for o in ORIENTATIONS]
+        maps = [predict_2d(chain[o], inputs.image_for(chain[o]), batch_size, inputs.present_for(chain[o]))
+                for o in ORIENTATIONS]
         cache[key] = np.concatenate(maps, axis=-1).astype(dtype)
     return cache[key]
 
@@ -160,7 +204,7 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
     tiled with output tiles of side <= tile_size (input + 2 * margin), each voxel predicted once."""
     image = inputs.image_for(model)
     if model.stage == "2d":
-        return predict_2d(model, image, batch_size)
+        return predict_2d(model, image, batch_size, inputs.present_for(model))
     if chain is not None:
         features = chain_features(chain, inputs, batch_size, feature_cache, model.feature_dtype)
         if features.shape[:3] != image.shape[:3]:
@@ -172,13 +216,18 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
 
 
 def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,
-                 save_probabilities=False, save_proportions=False, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D):
-    """Segments one case with the plan's models; writes the outputs; returns their paths."""
+                 save_probabilities=False, save_proportions=False, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D,
+                 allow_missing=None):
+    """Segments one case with the plan's models; writes the outputs; returns their paths.
+    allow_missing="zero_fill": models trained without sequence dropout run on a case
+    lacking one of their sequences, zero-filled."""
     if save_probabilities and any(m.stage == "baseline" for m in plan.final):
         raise ConfigError("--save_probabilities: not available with [S] baseline models")
     inputs = PreparedInputs(case)
     labels, probability_sum = [], None
-    for model, model_map, logits in label_maps(inputs, plan, batch_size, tile_size):
+    models = plan.final + [m for c in plan.chains if c for m in c.values()]
+    _, missing = missing_note(case, models, check_modalities(case, models, allow_missing))
+    for model, model_map, logits in label_maps(inputs, plan, batch_size, tile_size, allow_missing):
         labels.append(model_map)
         if save_probabilities:   # a running sum keeps one full-size 4-class volume in memory
             prepared, _ = inputs.prepared(model.info["preprocessing"])
@@ -189,15 +238,15 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
         (labels[0], ensemble.vote_proportions(labels))
     return write_outputs(case.case_id, inputs.geometry, fused, out_dir, label_convention,
                          probability_sum / len(labels) if save_probabilities else None,
-                         proportions if save_proportions else None, [m.path for m in plan.final])
+                         proportions if save_proportions else None, [m.path for m in plan.final], missing)
 
 
-def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D):
+def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, allow_missing=None):
     """(model, label map on the original grid, logits or None) for each final model of the
     plan, one at a time (a caller can drop each model's logits before the next), after
     checking that the case has every modality the models and their chains need. The 2D
     features of a chain shared by several models are computed once."""
-    check_modalities(inputs.case, plan.final + [m for c in plan.chains if c for m in c.values()])
+    check_modalities(inputs.case, plan.final + [m for c in plan.chains if c for m in c.values()], allow_missing)
     check_grid(inputs, plan.models())
     feature_cache = {}
     for model, chain in zip(plan.final, plan.chains):
@@ -240,7 +289,8 @@ def region_volumes_ml(labels, spacing):
     return {name: round(float(np.isin(labels, classes).sum()) * voxel_ml, 4) for name, classes in REGIONS.items()}
 
 
-def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models):
+def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models,
+                  missing=None):
     """Writes a case's files so that they appear together: into a hidden folder in `out_dir`,
     then renamed into place. A failure half way (a full disk) leaves none of them, and the
     files of an earlier run as they were (not a new label map beside old volumes)."""
@@ -253,7 +303,7 @@ def write_outputs(case_id, geometry, labels, out_dir, label_convention, probabil
         raise DataError(out_dir, f"cannot write ({err.strerror or err})") from None
     try:
         staged = _write_case_files(case_id, geometry, labels, staging, label_convention, probabilities,
-                                   proportions, models)
+                                   proportions, models, missing)
         written = {}
         for key, path in staged.items():
             written[key] = os.path.join(out_dir, os.path.basename(path))
@@ -270,7 +320,8 @@ def _remove_staging(out_dir):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _write_case_files(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models):
+def _write_case_files(case_id, geometry, labels, out_dir, label_convention, probabilities, proportions, models,
+                      missing=None):
     written = {}
     seg = os.path.join(out_dir, f"{case_id}_seg.nii.gz")
     write_label_map(seg, labels, geometry, label_convention)
@@ -286,6 +337,8 @@ def _write_case_files(case_id, geometry, labels, out_dir, label_convention, prob
                "volumes_ml": region_volumes_ml(labels, geometry.spacing),
                "regions": {k: list(v) for k, v in REGIONS.items()}, "label_convention": label_convention,
                "models": models}
+    if missing:   # which sequences the case lacked and how each model ran without them
+        volumes["missing_sequences"] = missing
     written["volumes"] = os.path.join(out_dir, f"{case_id}_volumes.json")
     write_json(written["volumes"], volumes)
     return written
@@ -314,13 +367,18 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
                                                              options.get("tile_size", TILE_SIZE_3D),
                                                              options.get("batch_size", BATCH_SIZE_2D))
         plan = plan_models(models, shapes)
+    models = plan.final + [m for c in plan.chains if c for m in c.values()]
+    notes = {}
     for case in cases:   # refuse before any heavy work
-        check_modalities(case, plan.final + [m for c in plan.chains if c for m in c.values()])
+        notes[case.case_id], _ = missing_note(case, models, check_modalities(case, models,
+                                                                             options.get("allow_missing")))
     results = []
     # One live writer per output folder; the lock lies beside it, so a refused case leaves no folder.
     with locks.hold(f"{os.path.abspath(out_dir)}.lock", os.path.abspath(out_dir)):
         _remove_staging(out_dir)
         for case in cases:
+            if verbose and notes[case.case_id]:
+                print(notes[case.case_id], flush=True)
             written = segment_case(case, plan, out_dir, **options)
             results.append((case.case_id, written))
             if verbose:

@@ -20,8 +20,17 @@ def main_logits(model, batch):
     return np.asarray(outputs, dtype=np.float32)
 
 
-def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8):
-    """Pre-softmax logits (X, Y, Z, C) of a 2D model over every slice of `image` (X, Y, Z, K)."""
+def sequences_present(image):
+    """(K,) float32, 1.0 where a sequence is present: records and segment zero-fill a missing
+    sequence, and a present one is never all zero (check_dataset and the loaders refuse it)."""
+    image = np.asarray(image)
+    return np.any(image.reshape(-1, image.shape[-1]) != 0, axis=0).astype(np.float32)
+
+
+def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8, present=None):
+    """Pre-softmax logits (X, Y, Z, C) of a 2D model over every slice of `image` (X, Y, Z, K).
+    present: (K,) 1.0 / 0.0 per sequence, for a model built with presence (its `present`
+    input); missing sequences' channels should be zero, as records and segment fill them."""
     slices = to_slices(np.asarray(image, np.float32), orientation)
     num, h, w = slices.shape[:3]
     ph, pw = padded_size(h, multiple), padded_size(w, multiple)
@@ -30,6 +39,8 @@ def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8):
         chunk = slices[start:start + batch_size]
         batch = np.zeros((len(chunk), ph, pw, chunk.shape[-1]), np.float32)
         batch[:, :h, :w] = chunk
+        if present is not None:
+            batch = {"image": batch, "present": np.repeat(np.asarray(present, np.float32)[None], len(chunk), 0)}
         logits = main_logits(model, batch)[:, :h, :w]
         if out is None:
             out = np.empty((num, h, w, logits.shape[-1]), np.float32)
@@ -37,9 +48,10 @@ def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8):
     return from_slices(out, orientation)
 
 
-def predict_2d_labels(model, image, orientation, multiple=1, batch_size=8):
+def predict_2d_labels(model, image, orientation, multiple=1, batch_size=8, present=None):
     """Label map (X, Y, Z) in the internal convention from a 2D model."""
-    return np.argmax(predict_2d_logits(model, image, orientation, multiple, batch_size), axis=-1).astype(np.uint8)
+    return np.argmax(predict_2d_logits(model, image, orientation, multiple, batch_size, present),
+                     axis=-1).astype(np.uint8)
 
 
 def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_classes=None):
@@ -96,13 +108,17 @@ def compiled(model):
     function = tf.function(lambda x: model(x, training=False))
     largest = [0]
 
-    def call(x, training=False):
+    def padded(x, count):
         x = np.asarray(x, np.float32)
-        count = len(x)
+        return np.concatenate([x, np.zeros((largest[0] - count,) + x.shape[1:], np.float32)])
+
+    def call(x, training=False):
+        count = len(x["image"] if isinstance(x, dict) else x)
         largest[0] = max(largest[0], count)
-        if count < largest[0]:
-            x = np.concatenate([x, np.zeros((largest[0] - count,) + x.shape[1:], np.float32)])
-        outputs = function(tf.constant(x))
+        if isinstance(x, dict):   # a model with a `present` input
+            outputs = function({k: tf.constant(padded(v, count)) for k, v in x.items()})
+        else:
+            outputs = function(tf.constant(padded(x, count)))
         if isinstance(outputs, (list, tuple)):
             return [o[:count] for o in outputs]
         return outputs[:count]

@@ -27,6 +27,32 @@ class SelectChannels(layers.Layer):
         return {**super().get_config(), "channels": self.channels}
 
 
+@keras.saving.register_keras_serializable(package="brats_tf")
+class SequenceGate(layers.Layer):
+    """Missing MR sequences contribute nothing: call([x, present]) with `present` (B, K) of
+    1.0 / 0.0 per sequence. With `sequence=k`, x (a subnetwork's maps or logits) is multiplied
+    by present[:, k]: exactly zero, and zero gradient into the subnetwork, when sequence k is
+    missing. Without it, x's K channels are multiplied by present (zero-filled)."""
+
+    def __init__(self, sequence=None, **kwargs):
+        super().__init__(**kwargs)
+        self.sequence = None if sequence is None else int(sequence)
+
+    def call(self, inputs):
+        x, present = inputs
+        present = ops.cast(present, x.dtype)
+        if self.sequence is not None:
+            present = present[:, self.sequence:self.sequence + 1]
+        spatial = len(x.shape) - 2
+        return x * ops.reshape(present, (-1,) + (1,) * spatial + (present.shape[-1],))
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "sequence": self.sequence}
+
+
 def conv_bn_relu(x, filters, name, kernel_size=3):
     """Conv (no bias: BN follows) -> batch normalization -> ReLU, 'same' padding."""
     x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False,

@@ -6,7 +6,11 @@
 - 2D model 2: the same with three-conv subnetworks.
 - U-Net axial baseline: the main U-Net directly on the K channels.
 
-Inputs: `image` (B, H, W, K), any H, W that are multiples of `pooling_factor(...)`.
+Inputs: `image` (B, H, W, K), any H, W that are multiples of `pooling_factor(...)`; models
+built with `presence=True` (sequence dropout, issue 15) take {"image", "present"}, present
+(B, K) 1.0 / 0.0 per sequence: a missing sequence's subnetwork and auxiliary head are
+multiplied by 0 (exactly nothing reaches the main network, no gradient reaches them) and the
+`all` subnetwork sees its channel zero-filled.
 Outputs (a list, in this order; the output names are the layer names): `main`, then
 `aux_<modality>` for each modality in the given order, then `aux_all`. All outputs
 are logits (no softmax). Layers are named `sub_<modality>.*` / `sub_all.*` (the
@@ -21,8 +25,8 @@ from keras import layers
 
 from brats_tf.constants import NUM_CLASSES
 from brats_tf.errors import require_kind
-from brats_tf.models.blocks import (SelectChannels, classifier, reduced_unet,
-                                    shallow_stack, unet)
+from brats_tf.models.blocks import (SelectChannels, SequenceGate, classifier,
+                                    reduced_unet, shallow_stack, unet)
 
 ALL = "all"
 
@@ -111,36 +115,45 @@ def _subnetwork(x, kind, modality, filters, num_classes):
     return features, classifier(features, num_classes, f"aux_{modality}")
 
 
-def _build_with_subnetworks(kind, modalities, filters, num_classes, name):
+def _build_with_subnetworks(kind, modalities, filters, num_classes, name, presence=False):
     names = modality_names(modalities)
     image = _image_input(len(names))
+    present = keras.Input((len(names),), name="present") if presence else None
     branches = [(m, SelectChannels([i], name=f"sub_{m}.input")(image))
-                for i, m in enumerate(names)] + [(ALL, image)]
+                for i, m in enumerate(names)]
+    branches.append((ALL, SequenceGate(name="sub_all.zero_fill")([image, present]) if presence else image))
     features, aux_logits = [], []
-    for modality, x in branches:
+    for index, (modality, x) in enumerate(branches):
         f, aux = _subnetwork(x, kind, modality, filters, num_classes)
+        if presence and modality != ALL:   # a missing sequence's subnetwork: exactly nothing
+            f = SequenceGate(index, name=f"sub_{modality}.gate")([f, present])
+            aux = SequenceGate(index, name=f"aux_{modality}.gate")([aux, present])
         features.append(f)
         aux_logits.append(aux)
     merged = layers.Concatenate(name="main.input")(features)
     main_logits = classifier(unet(merged, filters.main_filters, "main"), num_classes, "main")
-    return keras.Model(image, [main_logits, *aux_logits], name=name)
+    inputs = {"image": image, "present": present} if presence else image
+    return keras.Model(inputs, [main_logits, *aux_logits], name=name)
 
 
-def build_2d_model_1(modalities, preset="small", num_classes=NUM_CLASSES, **overrides):
-    """2D model 1: reduced-U-Net subnetworks. overrides: sub_filters, sub_depth,
-    main_filters."""
+def build_2d_model_1(modalities, preset="small", num_classes=NUM_CLASSES, presence=False, **overrides):
+    """2D model 1: reduced-U-Net subnetworks. presence: a second input `present` (B, K)
+    gates the subnetworks (any non-empty subset of the sequences). overrides: sub_filters,
+    sub_depth, main_filters."""
     filters = resolve_filters(preset, **overrides)
-    return _build_with_subnetworks("model1", modalities, filters, num_classes, "model2d_1")
+    return _build_with_subnetworks("model1", modalities, filters, num_classes, "model2d_1", presence)
 
 
-def build_2d_model_2(modalities, preset="small", num_classes=NUM_CLASSES, **overrides):
+def build_2d_model_2(modalities, preset="small", num_classes=NUM_CLASSES, presence=False, **overrides):
     """2D model 2: three-conv subnetworks (sub_depth is unused)."""
     filters = resolve_filters(preset, **overrides)
-    return _build_with_subnetworks("model2", modalities, filters, num_classes, "model2d_2")
+    return _build_with_subnetworks("model2", modalities, filters, num_classes, "model2d_2", presence)
 
 
-def build_unet_axial(modalities, preset="small", num_classes=NUM_CLASSES, **overrides):
+def build_unet_axial(modalities, preset="small", num_classes=NUM_CLASSES, presence=False, **overrides):
     """Baseline: a plain U-Net with BN on all K channels; one output, `main`."""
+    if presence:
+        raise ValueError("the U-Net baseline has no subnetworks to gate: presence needs model1 or model2")
     filters = resolve_filters(preset, **overrides)
     image = _image_input(len(modality_names(modalities)))
     logits = classifier(unet(image, filters.main_filters, "main"), num_classes, "main")
@@ -152,10 +165,10 @@ BUILDERS = {"model1": build_2d_model_1, "model2": build_2d_model_2,
 KINDS = tuple(BUILDERS)
 
 
-def build_2d_model(kind, modalities, preset="small", num_classes=NUM_CLASSES, **overrides):
+def build_2d_model(kind, modalities, preset="small", num_classes=NUM_CLASSES, presence=False, **overrides):
     """Dispatch on kind: 'model1' | 'model2' | 'unet_axial'."""
     _check_kind(kind)
-    return BUILDERS[kind](modalities, preset, num_classes, **overrides)
+    return BUILDERS[kind](modalities, preset, num_classes, presence=presence, **overrides)
 
 
 def inference_model(model):

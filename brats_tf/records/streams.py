@@ -217,6 +217,18 @@ def crop_block(windowed, case, start, size):
     return tf.pad(block, pads)
 
 
+def drop_sequences(key, present, probability):
+    """Sequence dropout (issue 15): each present sequence of each example (rows of `present`,
+    (B, K) bool) dropped with `probability`, never all of a row (then the present one with the
+    highest draw stays). Returns the kept mask as float32 (B, K)."""
+    draws = tf.random.stateless_uniform(tf.shape(present), key)
+    kept = tf.logical_and(present, draws >= probability)
+    best = tf.one_hot(tf.argmax(tf.where(present, draws, -1.0), axis=1), tf.shape(present)[1], on_value=True,
+                      off_value=False)
+    kept = tf.where(tf.reduce_any(kept, axis=1, keepdims=True), kept, tf.logical_and(best, present))
+    return tf.cast(kept, tf.float32)
+
+
 def permute(key, tensors):
     """The same random permutation of the leading axis of each tensor."""
     order = tf.argsort(tf.random.stateless_uniform([tensors[0].shape[0]], key))
@@ -270,12 +282,17 @@ class _Stream:
 
     def _cut(self, win, batch_number):
         x, y = self.cut(win, batch_number)
-        return tf.ensure_shape(x, self.x_shape), tf.ensure_shape(y, self.y_shape)
+        if isinstance(x, dict):
+            x = dict(x, image=tf.ensure_shape(x["image"], self.x_shape))
+        else:
+            x = tf.ensure_shape(x, self.x_shape)
+        return x, tf.ensure_shape(y, self.y_shape)
 
     def batch(self, batch_number):
         """Batch `batch_number` as NumPy (tests, calibration): the stream's own batch."""
         x, y = next(iter(self.dataset(first_batch=batch_number, num_batches=1)))
-        return x.numpy(), y.numpy()
+        x = {k: v.numpy() for k, v in x.items()} if isinstance(x, dict) else x.numpy()
+        return x, y.numpy()
 
 
 class SliceStream(_Stream):
@@ -285,14 +302,20 @@ class SliceStream(_Stream):
     (a tumor slice with probability `tumor_fraction`).
     """
 
-    def __init__(self, source, orientation, batch_size, slice_shape, seed=0, tumor_fraction=0.5, **window):
+    def __init__(self, source, orientation, batch_size, slice_shape, seed=0, tumor_fraction=0.5,
+                 sequence_dropout=None, **window):
         if orientation not in ORIENTATIONS:
             raise ConfigError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
+        if sequence_dropout is not None and not 0 <= sequence_dropout < 1:
+            raise ConfigError(f"sequence_dropout must be in [0, 1), got {sequence_dropout}")
         super().__init__(source, batch_size, seed, **window)
         self.orientation, self.axis = orientation, SLICE_AXIS[orientation]
         self.tumor_fraction = float(tumor_fraction)
         self.slice_shape = tuple(int(n) for n in slice_shape)
         self.fields = (f"slice_classes_{orientation}",)
+        self.sequence_dropout = sequence_dropout
+        if sequence_dropout is not None:   # x = {"image", "present"} for models built with presence
+            self.fields += ("modality_present",)
         self.classes = source.guaranteed_classes()
         if batch_size < len(self.classes):
             raise ConfigError(f"batch_size {batch_size} cannot hold all {len(self.classes)} classes")
@@ -326,10 +349,16 @@ class SliceStream(_Stream):
         cut = lambda windowed, shape: tf.map_fn(
             lambda a: tf.ensure_shape(self._slice(windowed, a[0], a[1]), shape), (cases, indices),
             fn_output_signature=tf.TensorSpec(shape, windowed.dtype))
-        x = cut(win["volume"], self.slice_shape + (self.num_channels,))
+        x = tf.cast(cut(win["volume"], self.slice_shape + (self.num_channels,)), tf.float32)
         y = cut(win["label"], self.slice_shape)
-        x, y = permute(_key(self.seed, b, -1), [x, y])
-        return tf.cast(x, tf.float32), tf.cast(y, tf.int32)
+        if self.sequence_dropout is None:
+            x, y = permute(_key(self.seed, b, -1), [x, y])
+            return x, tf.cast(y, tf.int32)
+        stored = tf.gather(win["modality_present"], list(self.source.channels), axis=1)   # (W, K)
+        present = drop_sequences(_key(self.seed, b, -2), tf.gather(stored, cases), self.sequence_dropout)
+        x = x * present[:, tf.newaxis, tf.newaxis, :]    # dropped: zero-filled, as a missing one is
+        x, present, y = permute(_key(self.seed, b, -1), [x, present, y])
+        return {"image": x, "present": present}, tf.cast(y, tf.int32)
 
     def _slice(self, windowed, case, index):
         """Slice `index` of case `case`, zero-padded at the end to the slice shape."""

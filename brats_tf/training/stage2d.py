@@ -23,9 +23,14 @@ class Trainer2D(Trainer):
         kind = c.model.kind
         if kind not in unet2d.KINDS:
             raise ConfigError(f"model.kind={kind!r}: use one of {unet2d.KINDS}")
+        dropout = c.data.get("sequence_dropout")
+        if dropout is not None and (not 0 <= dropout < 1 or kind == "unet_axial" or c.train.subnetwork):
+            raise ConfigError(f"data.sequence_dropout={dropout}: needs model1 or model2 (not a subnetwork "
+                              f"alone) and a probability in [0, 1)")
         self.model_spec = {"stage": "2d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
                            "orientation": c.data.orientation, "subnetwork": c.train.subnetwork,
-                           "pooling_factor": unet2d.pooling_factor(kind, c.model.preset)}
+                           "pooling_factor": unet2d.pooling_factor(kind, c.model.preset),
+                           "presence": dropout is not None}
         # A subnetwork is pretrained only on the cases that have its sequence. Training cases
         # are streamed from the records; the few validation cases are held in memory.
         only_present = c.train.subnetwork is not None
@@ -50,14 +55,15 @@ class Trainer2D(Trainer):
         c = self.config
         shape = streams.slice_shape(self.train_source, c.data.orientation, self.model_spec["pooling_factor"])
         return streams.SliceStream(self.train_source, c.data.orientation, global_batch_size, shape, seed=c.seed,
-                                   tumor_fraction=c.data.tumor_fraction, **streams.window_options(c.data))
+                                   tumor_fraction=c.data.tumor_fraction,
+                                   sequence_dropout=c.data.get("sequence_dropout"), **streams.window_options(c.data))
 
     def build_model(self):
         spec = self.model_spec
         if spec["subnetwork"] is not None:
             return unet2d.build_subnetwork_model(spec["subnetwork"], spec["modalities"], spec["kind"],
                                                  spec["preset"])
-        model = unet2d.build_2d_model(spec["kind"], spec["modalities"], spec["preset"])
+        model = unet2d.build_2d_model(spec["kind"], spec["modalities"], spec["preset"], presence=spec["presence"])
         for path in (self.config.train.pretrained_subnetworks or "").split(","):
             if path.strip():   # a resumed run then overwrites these with its checkpoint, as it should
                 unet2d.load_subnetwork_weights(model, keras.models.load_model(_model_file(path.strip())))
@@ -71,8 +77,9 @@ class Trainer2D(Trainer):
 
     def predict_labels(self, case):
         model = self.model if self.model_spec["subnetwork"] is not None else unet2d.inference_model(self.model)
+        present = predict.sequences_present(case.image) if self.model_spec["presence"] else None
         return predict.predict_2d_labels(model, case.image, self.config.data.orientation,
-                                           self.model_spec["pooling_factor"])
+                                         self.model_spec["pooling_factor"], present=present)
 
 
 def _model_file(path):

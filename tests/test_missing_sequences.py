@@ -1,0 +1,211 @@
+"""Missing sequences (issue 15): 2D models built with a `present` input, whose missing
+sequences' subnetworks contribute exactly nothing, and sequence dropout in the slice stream."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from brats_tf.configs.train2d import get_config
+from brats_tf.errors import ConfigError
+from brats_tf.inference import predict
+from brats_tf.models import unet2d
+from brats_tf.records import streams
+from brats_tf.records.writer import build_records
+from brats_tf.training.stage2d import Trainer2D
+from tests.conftest import write_brats2017_case
+
+SEQUENCES = ("t1", "t1c", "t2", "flair")
+
+
+@pytest.mark.parametrize("kind", ["model1", "model2"])
+def test_a_missing_sequence_changes_nothing_in_any_output(kind):
+    model = unet2d.build_2d_model(kind, SEQUENCES, presence=True)
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(3, 32, 32, 4)).astype(np.float32)
+    present = np.array([[1, 0, 1, 1], [1, 1, 1, 0], [0, 0, 1, 0]], np.float32)
+    changed = image.copy()
+    changed[0, ..., 1] = rng.normal(size=(32, 32)) * 50      # what a missing slot holds is ignored
+    changed[1, ..., 3] = 7.0
+    changed[2, ..., [0, 1, 3]] = -3.0
+    before = model({"image": image, "present": present})
+    after = model({"image": changed, "present": present})
+    for name, a, b in zip(model.output_names, before, after):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=name)
+    # A missing sequence's auxiliary head says nothing (zero logits), a present one's does.
+    aux_t1c = np.asarray(before[1 + SEQUENCES.index("t1c")])
+    assert not aux_t1c[0].any() and aux_t1c[1].any()
+    # ...and a present sequence does change the output.
+    moved = image.copy()
+    moved[0, ..., 0] += 1.0
+    assert np.abs(np.asarray(model({"image": moved, "present": present})[0])[0] - np.asarray(before[0])[0]).max() > 0
+
+
+def test_no_gradient_reaches_a_missing_sequences_subnetwork():
+    model = unet2d.build_2d_model("model1", SEQUENCES, presence=True)
+    image = tf.random.stateless_normal((2, 32, 32, 4), [1, 2])
+    present = tf.constant([[1, 0, 1, 1], [1, 0, 1, 0]], tf.float32)     # T1c missing in the batch
+    with tf.GradientTape() as tape:
+        outputs = model({"image": image, "present": present}, training=True)
+        loss = tf.add_n([tf.reduce_mean(tf.square(o - 1.0)) for o in outputs])
+    weights = [w for w in model.trainable_weights if w.path.startswith(("sub_t1c.", "aux_t1c"))]
+    grads = tape.gradient(loss, weights)
+    assert weights and all(not np.asarray(g).any() for g in grads)
+
+
+def test_the_gated_model_saves_and_loads():
+    model = unet2d.build_2d_model("model2", SEQUENCES, presence=True)
+    x = {"image": np.ones((1, 16, 16, 4), np.float32), "present": np.array([[0, 1, 1, 1]], np.float32)}
+    path = "/tmp/_gated_model_test.keras"
+    model.save(path)
+    again = keras.models.load_model(path)
+    np.testing.assert_array_equal(np.asarray(again(x)[0]), np.asarray(model(x)[0]))
+    assert [i.name for i in again.inputs] == ["image", "present"]
+
+
+def test_sequence_dropout_never_drops_every_sequence_and_never_invents_one():
+    present = tf.constant(np.random.default_rng(1).random((4000, 4)) < 0.7)
+    present = tf.where(tf.reduce_any(present, 1, keepdims=True), present, [[True, False, False, False]])
+    kept = streams.drop_sequences([3, 4], present, 0.5).numpy().astype(bool)
+    assert kept.any(axis=1).all()                       # never all dropped
+    assert not (kept & ~present.numpy()).any()          # a missing sequence stays missing
+    rate = 1 - kept.sum() / present.numpy().sum()
+    assert 0.40 < rate < 0.5                            # p = 0.5, less the rows kept from all-dropped
+    again = streams.drop_sequences([3, 4], present, 0.5).numpy().astype(bool)
+    np.testing.assert_array_equal(kept, again)          # seeded
+    assert streams.drop_sequences([3, 4], present, 0.0).numpy().astype(bool).tolist() == present.numpy().tolist()
+
+
+@pytest.fixture(scope="module")
+def records_with_a_missing_sequence(tmp_path_factory):
+    root = tmp_path_factory.mktemp("missing")
+    for i in range(4):
+        write_brats2017_case(root / "data", f"Case_{i}", shape=(24, 26, 20), seed=i)
+    (root / "data" / "Case_3" / "Case_3_t1ce.nii.gz").unlink()          # one case lacks T1c
+    build_records(root / "data", root / "records", allow_missing_modalities=True, verbose=False)
+    return root / "records"
+
+
+def test_the_slice_stream_carries_the_presence_mask(records_with_a_missing_sequence):
+    source = streams.case_source(str(records_with_a_missing_sequence), [f"Case_{i}" for i in range(4)])
+    stream = streams.SliceStream(source, "axial", 8, (24, 32), seed=5, sequence_dropout=0.3, window_cases=4)
+    spec = stream.dataset().element_spec[0]
+    assert spec["image"].shape == (8, 24, 32, 4) and spec["present"].shape == (8, 4)
+    dropped_some = False
+    for b in range(20):
+        x, _ = stream.batch(b)
+        present = x["present"].astype(bool)
+        assert present.any(axis=1).all()
+        channel_used = np.abs(x["image"]).reshape(8, -1, 4).max(axis=1) > 0
+        assert not (channel_used & ~present).any()       # dropped or missing: zero-filled
+        dropped_some |= bool((~present).any())
+    assert dropped_some
+    first, _ = stream.batch(3)
+    np.testing.assert_array_equal(first["present"], streams.SliceStream(
+        source, "axial", 8, (24, 32), seed=5, sequence_dropout=0.3, window_cases=4).batch(3)[0]["present"])
+    # The case lacking T1c never shows it present.
+    lone = streams.case_source(str(records_with_a_missing_sequence), ["Case_3"])
+    x, _ = streams.SliceStream(lone, "axial", 4, (24, 32), seed=0, sequence_dropout=0.0, window_cases=1).batch(0)
+    assert (x["present"][:, SEQUENCES.index("t1c")] == 0).all() and (x["present"][:, 0] == 1).all()
+
+
+def test_a_model_trained_with_sequence_dropout_segments_a_case_without_a_sequence(records_with_a_missing_sequence,
+                                                                                   tmp_path):
+    config = get_config("small_dropout")
+    config.data.records_dir = str(records_with_a_missing_sequence)
+    config.data.batch_size, config.data.val_cases = 4, ["Case_0"]
+    config.train.iterations, config.optim.accumulation_steps = 2, 1
+    trainer = Trainer2D(config, tmp_path)
+    trainer.run()
+    model = keras.models.load_model(tmp_path / "model.keras")
+    assert [i.name for i in model.inputs] == ["image", "present"]
+    image = trainer.val_cases[0].image.astype(np.float32)
+    image[..., SEQUENCES.index("flair")] = 0                       # FLAIR missing at test time
+    present = predict.sequences_present(image)
+    assert present.tolist() == [1, 1, 1, 0]
+    labels = predict.predict_2d_labels(unet2d.inference_model(model), image, "axial",
+                                      trainer.model_spec["pooling_factor"], present=present)
+    assert labels.shape == image.shape[:3]
+
+
+def test_sequence_dropout_is_refused_where_it_cannot_apply(records_with_a_missing_sequence, tmp_path):
+    for field, value in (("model.kind", "unet_axial"), ("data.sequence_dropout", 1.0)):
+        config = get_config("small_dropout")
+        config.data.records_dir = str(records_with_a_missing_sequence)
+        section, key = field.split(".")
+        config[section][key] = value
+        with pytest.raises(ConfigError, match="sequence_dropout"):
+            Trainer2D(config, tmp_path / field).run()
+
+
+def test_segment_runs_a_dropout_model_on_a_case_without_a_sequence_and_says_so(records_with_a_missing_sequence,
+                                                                               tmp_path, capsys):
+    """Through the segment library on a BraTS-layout case lacking T1c: the dropout-trained 2D
+    model runs (gated), a model trained without dropout is refused unless zero_fill is asked."""
+    import json
+    from brats_tf.inference import pipeline
+    data = records_with_a_missing_sequence.parent / "data"
+    models = {}
+    for name, preset in (("dropout", "small_dropout"), ("plain", "small")):
+        config = get_config(preset)
+        config.data.records_dir = str(records_with_a_missing_sequence)
+        config.data.batch_size, config.data.val_cases = 4, ["Case_0"]
+        config.train.iterations, config.optim.accumulation_steps, config.train.val_every = 1, 1, 0
+        Trainer2D(config, tmp_path / name).run()
+        models[name] = str(tmp_path / name)
+    capsys.readouterr()
+    pipeline.segment([models["dropout"]], tmp_path / "out", case_dir=str(data / "Case_3"))
+    line = capsys.readouterr().out.splitlines()[0]
+    assert line == "Case_3: no t1c image; 1 model(s) trained with sequence dropout gate them out"
+    volumes = json.loads((tmp_path / "out" / "Case_3_volumes.json").read_text())
+    assert volumes["missing_sequences"]["missing"] == ["t1c"]
+    assert volumes["missing_sequences"]["handling"] == {f"{models['dropout']}/model.keras": "gated"}
+    with pytest.raises(Exception, match=r"Case_3.*no t1c image.*--allow_missing=zero_fill"):
+        pipeline.segment([models["plain"]], tmp_path / "out2", case_dir=str(data / "Case_3"))
+    assert not (tmp_path / "out2").exists()
+    pipeline.segment([models["plain"]], tmp_path / "out3", case_dir=str(data / "Case_3"), allow_missing="zero_fill")
+    volumes = json.loads((tmp_path / "out3" / "Case_3_volumes.json").read_text())
+    assert volumes["missing_sequences"]["handling"] == {f"{models['plain']}/model.keras": "zero_fill"}
+
+
+def test_segment_on_a_real_case_with_one_sequence_removed(records_with_a_missing_sequence, tmp_path):
+    """The real BraTS 2023 case without its FLAIR (T2-FLAIR, t2f) file, by a 2D model trained
+    with sequence dropout (on phantoms: the label map is not judged, the path is)."""
+    import json
+    import os
+    from tests.conftest import shared_data
+    from brats_tf.inference import pipeline
+    case = shared_data("brats2023_glioma_case", "BraTS-GLI-00001-000")
+    incomplete = tmp_path / "BraTS-GLI-00001-000"
+    incomplete.mkdir()
+    for path in case.iterdir():
+        if not path.name.endswith(("-t2f.nii.gz", "-seg.nii.gz")):
+            os.symlink(path, incomplete / path.name)
+    config = get_config("small_dropout")
+    config.data.records_dir = str(records_with_a_missing_sequence)
+    config.data.batch_size, config.data.val_cases = 4, ["Case_0"]
+    config.train.iterations, config.optim.accumulation_steps, config.train.val_every = 1, 1, 0
+    Trainer2D(config, tmp_path / "model").run()
+    [(case_id, written)] = pipeline.segment([str(tmp_path / "model")], tmp_path / "out", case_dir=str(incomplete),
+                                            verbose=False)
+    volumes = json.loads(open(written["volumes"]).read())
+    assert case_id == "BraTS-GLI-00001-000" and volumes["missing_sequences"]["missing"] == ["flair"]
+    import nibabel as nib
+    assert nib.load(written["seg"]).shape == nib.load(next(case.glob("*-t1n.nii.gz"))).shape
+
+
+def test_features_of_dropout_models_on_a_case_lacking_a_sequence(records_with_a_missing_sequence, tmp_path):
+    """The 2D-3D chains' features from 2D models trained with sequence dropout: each case's
+    own presence (Case_3 lacks T1c) is fed to the models."""
+    from brats_tf.inference import features as features_lib
+    paths = {}
+    for orientation in ("axial", "coronal", "sagittal"):
+        config = get_config("small_dropout")
+        config.data.records_dir, config.data.orientation = str(records_with_a_missing_sequence), orientation
+        config.data.batch_size, config.data.val_cases = 4, ["Case_0"]
+        config.train.iterations, config.optim.accumulation_steps, config.train.val_every = 1, 1, 0
+        Trainer2D(config, tmp_path / orientation).run()
+        paths[orientation] = str(tmp_path / orientation)
+    manifest = features_lib.extract_features(str(records_with_a_missing_sequence), str(tmp_path / "features"), paths,
+                                             verbose=False)
+    assert manifest["complete"] and len(manifest["cases"]) == 4
