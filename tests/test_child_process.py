@@ -42,6 +42,7 @@ def test_a_killed_child_is_one_error_naming_the_work():
         common.in_child_process("/w/models/3d_C", _die)
 
 
+@pytest.mark.slow
 def test_the_child_dies_with_its_parent(tmp_path):
     """A killed run leaves no trainer behind writing into the work dir."""
     pid_file = tmp_path / "child.pid"
@@ -70,6 +71,7 @@ def _absl_verbosity():
     return absl_logging.get_verbosity()
 
 
+@pytest.mark.slow
 def test_the_child_is_as_quiet_as_its_parent():
     """A command hides library chatter unless --verbosity is given; its model processes too."""
     import logging

@@ -109,6 +109,7 @@ def test_the_slice_stream_carries_the_presence_mask(records_with_a_missing_seque
     assert (x["present"][:, SEQUENCES.index("t1c")] == 0).all() and (x["present"][:, 0] == 1).all()
 
 
+@pytest.mark.slow
 def test_a_model_trained_with_sequence_dropout_segments_a_case_without_a_sequence(records_with_a_missing_sequence,
                                                                                    tmp_path):
     config = get_config("small_dropout")
@@ -138,6 +139,7 @@ def test_sequence_dropout_is_refused_where_it_cannot_apply(records_with_a_missin
             Trainer2D(config, tmp_path / field).run()
 
 
+@pytest.mark.slow
 def test_segment_runs_a_dropout_model_on_a_case_without_a_sequence_and_says_so(records_with_a_missing_sequence,
                                                                                tmp_path, capsys):
     """Through the segment library on a BraTS-layout case lacking T1c: the dropout-trained 2D
@@ -168,6 +170,7 @@ def test_segment_runs_a_dropout_model_on_a_case_without_a_sequence_and_says_so(r
     assert volumes["missing_sequences"]["handling"] == {f"{models['plain']}/model.keras": "zero_fill"}
 
 
+@pytest.mark.slow
 def test_segment_on_a_real_case_with_one_sequence_removed(records_with_a_missing_sequence, tmp_path):
     """The real BraTS 2023 case without its FLAIR (T2-FLAIR, t2f) file, by a 2D model trained
     with sequence dropout (on phantoms: the label map is not judged, the path is)."""
@@ -194,6 +197,7 @@ def test_segment_on_a_real_case_with_one_sequence_removed(records_with_a_missing
     assert nib.load(written["seg"]).shape == nib.load(next(case.glob("*-t1n.nii.gz"))).shape
 
 
+@pytest.mark.slow
 def test_features_of_dropout_models_on_a_case_lacking_a_sequence(records_with_a_missing_sequence, tmp_path):
     """The 2D-3D chains' features from 2D models trained with sequence dropout: each case's
     own presence (Case_3 lacks T1c) is fed to the models."""
