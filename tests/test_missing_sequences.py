@@ -213,3 +213,37 @@ def test_features_of_dropout_models_on_a_case_lacking_a_sequence(records_with_a_
     manifest = features_lib.extract_features(str(records_with_a_missing_sequence), str(tmp_path / "features"), paths,
                                              verbose=False)
     assert manifest["complete"] and len(manifest["cases"]) == 4
+
+
+def test_fifteen_subsets_for_four_sequences_and_copies_of_similar_contrast():
+    from brats_tf.experiments import missing
+    subsets = missing.sequence_subsets(list(SEQUENCES))
+    assert len(subsets) == 15 == len(set(subsets)) and subsets[0] == SEQUENCES and all(subsets)
+    image = np.stack([np.full((2, 2, 2), v, np.float32) for v in (1, 2, 3, 4)], axis=-1)
+    filled = missing.copy_fill(image, list(SEQUENCES), ("t1", "flair"))
+    assert filled[0, 0, 0].tolist() == [1, 1, 4, 4]         # t1c <- t1, t2 <- flair
+    assert missing.copy_fill(image, list(SEQUENCES), ("t2",))[0, 0, 0].tolist() == [3, 3, 3, 3]
+
+
+@pytest.mark.slow
+def test_missing_inference_experiment_scores_every_subset(tmp_path):
+    from types import SimpleNamespace
+    from brats_tf import experiments
+    from brats_tf.configs.experiments import get_config
+    from brats_tf.evaluation.evaluate import read_evaluation_csv
+    config = get_config("tiny")
+    args = SimpleNamespace(scale="tiny", config=config, workdir=str(tmp_path), data_dir=None, layout="auto",
+                           layout_file=None, test_dir=None, seed=0, strategy="off", config_2d=[], config_3d=[])
+    report = open(experiments.run("missing_inference", args)).read()
+    table = report.split("## Mean Dice x100 per subset")[1].split("##")[0]
+    assert len([line for line in table.splitlines() if line.startswith("| ") and "Sequences" not in line]) == 15
+    tests = report.split("## Paired one-tailed t-tests")[1].split("##")[0]
+    assert len([line for line in tests.splitlines() if line.startswith("| ") and "Sequences" not in line]) == 15
+    csvs = sorted((tmp_path / "missing_inference" / "evaluation").glob("*.csv"))
+    assert len(csvs) == 45
+    split_test = __import__("json").loads((tmp_path / "split.json").read_text())["test"]
+    rows, _ = read_evaluation_csv(tmp_path / "missing_inference" / "evaluation" / "dropout_t1.csv")
+    assert [r["Label"] for r in rows] == split_test
+    assert (tmp_path / "missing_inference" / "subsets_dice.png").stat().st_size > 5_000
+    info = __import__("json").loads((tmp_path / "models" / "2d_model1_axial_dropout" / "model_info.json").read_text())
+    assert info["presence"] is True

@@ -15,6 +15,7 @@ phantoms and a few iterations per model).
   240 x 240 x 155); `test_fraction`: cases held out for testing (without --test_dir);
   `num_val`: validation cases (the trainers' checks); `pretrain_iterations`: one modality
   subnetwork alone (table2_missing); `tile_size`: largest output side of a 3D inference tile;
+  `sequence_dropout`: the dropout probability of missing_inference's model (a);
   `process_per_model`: train each model and extract each feature set in its own process
   (paper: TensorFlow keeps a model's peak memory for the life of its process).
 - `twod`, `threed`: the train2d / train3d config every 2D / 3D model starts from. The
@@ -89,6 +90,7 @@ def get_config(preset="demo"):
         # Op determinism: same seed, same table (tiny: tested; demo: the 3D models still differ,
         # BUILD_NOTES "The demo, reproducibly").
         c.twod.deterministic = c.threed.deterministic = True
+    c.sequence_dropout = train2d.SEQUENCE_DROPOUT   # missing_inference's model (a)
     c.process_per_model = preset == "paper"   # the others: no start-up cost per model
     c.tile_size = TILE_SIZE_3D                # (threed.train.tile_size: the validation's, the same)
     c.shen = shen_config(preset)

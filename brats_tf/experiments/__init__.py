@@ -19,6 +19,11 @@ def _mlynarski():
     return mlynarski
 
 
+def _missing():
+    from brats_tf.experiments import missing
+    return missing
+
+
 def _shen():
     from brats_tf.experiments import shen
     return shen
@@ -29,6 +34,7 @@ EXPERIMENTS = {
     "table1": lambda args: _mlynarski().table1(args),
     "table3": lambda args: _mlynarski().table3(args),
     "table2_missing": lambda args: _mlynarski().table2_missing(args),
+    "missing_inference": lambda args: _missing().missing_inference(args),
     "shen_ablation": lambda args: _shen().shen_ablation(args),
     "shen_transfer": lambda args: _shen().shen_transfer(args),
 }

@@ -211,3 +211,21 @@ def _style(ax, xlabel, ylabel):
     ax.set_ylabel(ylabel, fontsize=FONT["label"])
     ax.tick_params(labelsize=FONT["tick"])
     ax.grid(alpha=0.3)
+
+
+def subset_heatmaps(means, subsets, out_path, regions=PAPER_REGIONS):
+    """Missing-sequence experiment: one panel per variant, mean Dice (x100) of each subset of
+    sequences (rows) and region (columns). means: {variant title: (len(subsets), len(regions))}."""
+    fig = Figure(figsize=(3.2 * len(means) + 1.5, 0.38 * len(subsets) + 1.6))
+    axes = fig.subplots(1, len(means), sharey=True, squeeze=False)[0]
+    image = None
+    for ax, (title, values) in zip(axes, means.items()):
+        image = ax.imshow(100 * np.asarray(values, float), cmap="viridis", vmin=0, vmax=100, aspect="auto")
+        for (i, j), v in np.ndenumerate(100 * np.asarray(values, float)):
+            ax.text(j, i, f"{v:.0f}", ha="center", va="center", fontsize=FONT["tick"] - 2,
+                    color="white" if v < 55 else "black")
+        ax.set_xticks(range(len(regions)), regions, fontsize=FONT["tick"])
+        ax.set_title("\n".join(textwrap.wrap(title, 28)), fontsize=FONT["label"])
+    axes[0].set_yticks(range(len(subsets)), subsets, fontsize=FONT["tick"] - 1)
+    fig.colorbar(image, ax=list(axes), label="mean Dice x100", shrink=0.8)
+    save(fig, out_path)
