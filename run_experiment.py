@@ -1,7 +1,7 @@
 """Runs a whole experiment: data, training, inference, evaluation, report (`--help` lists
 the flags; README "Experiments").
 
-    python run_experiment.py [--experiment=demo|table1|table3|table2_missing|shen_ablation|shen_transfer]
+    python run_experiment.py [--experiment=demo|table1|table3|table2_missing|missing_inference|shen_ablation|shen_transfer]
         [--scale=demo|paper] [--config.KEY=VALUE ...] [--workdir=W]
 
 The main is `brats_tf/experiment.py`, inside the package so that an installed package has

@@ -7,6 +7,7 @@ The same main as `python run_experiment.py`, `python -m brats_tf.experiment` and
     python run_experiment.py --experiment=table1 --scale=demo --data_dir=D [--layout_file=L]
     python run_experiment.py --experiment=table3 --data_dir=D --test_dir=T --scale=paper --strategy=mirrored
     python run_experiment.py --experiment=table2_missing
+    python run_experiment.py --experiment=missing_inference
     python run_experiment.py --experiment=shen_ablation | shen_transfer [--target_data_dir=SITE_B]
     python run_experiment.py --experiment=table1 --config.twod.train.iterations=30 --config.threed.train.iterations=15
 
