@@ -59,7 +59,8 @@ def training_loop(iterations, checkpoint_every, val_every):
 # run would export an untrained model, loop forever or divide by zero some steps later.
 MINIMUM = {"seed": 0, "train.iterations": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
            "train.val_every": 0, "data.batch_size": 1, "data.num_val_cases": 0, "data.window_cases": 1,
-           "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1}
+           "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1,
+           "train.micro_batches": 1}
 POSITIVE = ("optim.learning_rate",)
 
 

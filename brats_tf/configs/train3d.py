@@ -55,5 +55,8 @@ def get_config(preset="small"):
 
     c.train = common.training_loop(iterations=20000 if paper else 40, checkpoint_every=200 if paper else 10,
                                    val_every=1000 if paper else 20)
+    # Parts each batch is trained in, one after another, gradients summed: the same update
+    # (3D models have no batch normalization) with a part's activation memory.
+    c.train.micro_batches = 1
     c.train.tile_size = TILE_SIZE_3D        # largest output side of a tile, validation inference
     return c

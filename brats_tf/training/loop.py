@@ -79,6 +79,9 @@ def is_chief(strategy):
                                              and "chief" not in resolver.cluster_spec().as_dict())
 
 
+RESUMABLE_CHANGES = ("iterations", "micro_batches")
+
+
 def record_config(workdir, config):
     """Writes the resolved config before step 0; a resumed run must use the same config
     (only the number of iterations may grow)."""
@@ -86,7 +89,8 @@ def record_config(workdir, config):
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         previous = read_json(path)
-        strip = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k != "iterations"}}
+        # More iterations, or another split into micro-batches (the same updates), may resume.
+        strip = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUMABLE_CHANGES}}
         if strip(previous) != strip(current):
             raise ConfigError(f"{path}: this work dir was started with another config; "
                               f"use a new --workdir (or the same config)")
@@ -142,6 +146,15 @@ class Trainer:
         """Label map (internal convention) of a validation case from the model being trained."""
         raise NotImplementedError
 
+    def micro_batches(self):
+        """train.micro_batches (1 when the config has none): parts each replica's batch is
+        trained in (`build_train_step`); must divide data.batch_size."""
+        parts = int(self.config.train.get("micro_batches", 1))
+        if parts < 1 or self.config.data.batch_size % parts:
+            raise ConfigError(f"--config.train.micro_batches={parts}: must be >= 1 and divide data.batch_size "
+                              f"({self.config.data.batch_size})")
+        return parts
+
     def loss_heads(self):
         """(head names in model-output order, {name: weight}, loss_fn): deep supervision by default."""
         names = list(self.model.output_names)
@@ -173,6 +186,7 @@ class Trainer:
         if c.data.records_dir is None:
             raise ConfigError("--config.data.records_dir is required")
         check_ranges(c)
+        self.micro_batches()   # a split that does not divide the batch: refused before any work
         try:
             os.makedirs(self.workdir, exist_ok=True)
         except OSError as err:
@@ -237,7 +251,7 @@ class Trainer:
         if iteration >= c.train.iterations:
             return self._finish(iteration, log)
         train_step = build_train_step(self.model, self.optimizer, self.strategy, *self.loss_heads(),
-                                      jit_compile=c.train.jit_compile)
+                                      jit_compile=c.train.jit_compile, micro_batches=self.micro_batches())
         steps = getattr(self.optimizer, "accumulation_steps", 1)
         data = self.strategy.experimental_distribute_dataset(self.sampler.dataset(first_batch=batch))
         progbar = _progbar(c.train.iterations) if self.chief else None
@@ -327,12 +341,72 @@ class Trainer:
         return {"iterations": iteration, "workdir": self.workdir, "validation": final}
 
 
-def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_compile=False):
+def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_compile=False, micro_batches=1):
     """A compiled step: forward-backward on one global batch, then `optimizer.apply_gradients`
     (NormalizedMomentum accumulates, and updates every N-th batch). `names` are the model's
     outputs in order, `weights` their loss coefficients. Returns global-batch losses per head;
-    the regularization losses of the model (L2) are added to the total."""
+    the regularization losses of the model (L2) are added to the total. micro_batches > 1:
+    each replica's batch runs forward-backward in that many parts, one after the other, their
+    gradients summed (`micro_batch_step`): the same update with the activation memory of a part."""
+    if micro_batches > 1:
+        replica_step = micro_batch_step(model, optimizer, strategy, names, weights, loss_fn, micro_batches)
+    else:
+        replica_step = _whole_batch_step(model, optimizer, strategy, names, weights, loss_fn)
 
+    @tf.function(jit_compile=jit_compile)
+    def train_step(x, y):
+        per_replica = strategy.run(replica_step, args=(x, y))
+        # Keras losses are already scaled by 1/replicas: the sum is the global-batch loss.
+        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
+
+    return train_step
+
+
+def micro_batch_step(model, optimizer, strategy, names, weights, loss_fn, parts):
+    """A replica step over `parts` equal parts of its batch, run in sequence (each part's
+    forward waits for the previous part's gradients, so one part's activations are alive at
+    a time). The batch-adaptive class weights come from the whole global batch
+    (`WeightedCrossEntropy.batch_counts` / `part_sum`), so the summed loss and gradients equal
+    the whole batch's (to float rounding) for models without batch normalization (the 3D
+    models); with it, statistics would be per part."""
+    if not hasattr(loss_fn, "part_sum"):
+        raise ConfigError("train.micro_batches > 1 needs the weighted cross-entropy loss")
+
+    def replica_step(x, y):
+        counts = loss_fn.batch_counts(y)
+        xs = _split(x, parts)
+        ys = tf.split(y, parts, axis=0)
+        grads_sum, heads, previous = None, None, []
+        for x_part, y_part in zip(xs, ys):
+            with tf.control_dependencies(previous):
+                x_part = tf.nest.map_structure(tf.identity, x_part)
+            with tf.GradientTape() as tape:
+                outputs = model(x_part, training=True)
+                outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+                head = {n: loss_fn.part_sum(y_part, o, counts) for n, o in zip(names, outputs)}
+                total = tf.add_n([weights[n] * head[n] for n in names])
+                if model.losses:
+                    total += tf.add_n(model.losses) / (strategy.num_replicas_in_sync * parts)
+            grads = tape.gradient(total, model.trainable_variables)
+            grads_sum = grads if grads_sum is None else [a if b is None else a + b for a, b in zip(grads_sum, grads)]
+            part_values = {"loss": total, **{f"loss_{n}": v for n, v in head.items()}}
+            heads = part_values if heads is None else {k: heads[k] + v for k, v in part_values.items()}
+            previous = [g for g in grads if g is not None]
+        optimizer.apply_gradients(zip(grads_sum, model.trainable_variables))
+        return heads
+
+    return replica_step
+
+
+def _split(x, parts):
+    """`parts` equal parts along the batch axis of a tensor or a dict of tensors."""
+    if isinstance(x, dict):
+        pieces = {k: tf.split(v, parts, axis=0) for k, v in x.items()}
+        return [{k: pieces[k][i] for k in x} for i in range(parts)]
+    return tf.split(x, parts, axis=0)
+
+
+def _whole_batch_step(model, optimizer, strategy, names, weights, loss_fn):
     def replica_step(x, y):
         with tf.GradientTape() as tape:
             outputs = model(x, training=True)
@@ -345,13 +419,7 @@ def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_co
         optimizer.apply_gradients(zip(grads, model.trainable_variables))
         return {"loss": total, **{f"loss_{n}": v for n, v in head.items()}}
 
-    @tf.function(jit_compile=jit_compile)
-    def train_step(x, y):
-        per_replica = strategy.run(replica_step, args=(x, y))
-        # Keras losses are already scaled by 1/replicas: the sum is the global-batch loss.
-        return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None) for k, v in per_replica.items()}
-
-    return train_step
+    return replica_step
 
 
 def _batches(data, records_dir):

@@ -100,6 +100,24 @@ class WeightedCrossEntropy(keras.losses.Loss):
     def get_config(self):
         return {**super().get_config(), "target_weights": list(self.target_weights)}
 
+    # Micro-batches (a batch too large for memory split into parts, `build_train_step`): the
+    # class weights come from the whole (global) batch, so the parts' sums add up to the
+    # batch's loss exactly, and so do their gradients.
+    def batch_counts(self, y_true):
+        """Class counts (C,) of the global batch (all replicas), as the weights use them."""
+        labels = _integer_labels(y_true, ops.zeros((1,) * (len(y_true.shape) + 1)))
+        one_hot = ops.one_hot(labels, len(self.target_weights), dtype="float32")
+        return ops.stop_gradient(_global_sum(ops.sum(one_hot, axis=tuple(range(len(one_hot.shape) - 1)))))
+
+    def part_sum(self, y_true, y_pred, counts):
+        """This replica's share of the loss from a part of the batch: the sum over its voxels
+        of weight(counts) x cross-entropy. Summed over the parts and replicas: the loss."""
+        logits = ops.cast(y_pred, "float32")
+        one_hot = ops.one_hot(_integer_labels(y_true, logits), len(self.target_weights), dtype="float32")
+        voxel_ce = -ops.sum(one_hot * ops.log_softmax(logits, axis=-1), axis=-1)
+        voxel_weights = ops.sum(one_hot * _class_weights(counts, self.target_weights), axis=-1)
+        return ops.sum(voxel_weights * voxel_ce)
+
 
 def _class_weights(counts, target_weights):
     """t'_c / N_c for present classes, 0 for absent ones (t' renormalized over present)."""
