@@ -34,6 +34,7 @@ import os
 import time
 
 import keras
+import numpy as np
 
 from brats_tf.inference import ensemble
 from brats_tf.evaluation import evaluate
@@ -43,11 +44,12 @@ from brats_tf.inference import exported, pipeline
 from brats_tf.inference import features as features_lib
 from brats_tf.configs import experiments as experiment_configs
 from brats_tf.configs import train2d, train3d
-from brats_tf.constants import ORIENTATIONS
+from brats_tf.constants import LABEL_MAPS, ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.experiments import common
 from brats_tf.io.cases import discover_cases, load_case
-from brats_tf.io.labels import write_label_map
+from brats_tf.io.labels import map_labels, write_label_map
+from brats_tf.io.nifti import load_volume
 from brats_tf.io.files import read_json, write_json
 from brats_tf.io import splits
 from brats_tf.records import reader
@@ -318,6 +320,8 @@ class Run:
         """Label maps of every row's model (and of the vote of the `vote` rows) for the test
         cases, through the segment code; returns {row: prediction folder}."""
         pred_root = os.path.join(self.out_dir, "predictions")
+        if self.scale.process_per_model:
+            return self._predict_per_model(rows, dirs, data, vote, pred_root)
         loaded = exported.load_with_chains([dirs[m.slug] for m in rows])
         plan = exported.Plan([model for model, _ in loaded], [chain for _, chain in loaded])
         wanted = {m.slug: model.sha256 for m, model in zip(rows, plan.final)}
@@ -347,6 +351,25 @@ class Run:
         if todo:
             self.timings.record("inference", per_case_s=(time.time() - start) / len(todo))
         return {row: os.path.join(pred_root, slug) for row, slug in slugs.items()}
+
+    def _predict_per_model(self, rows, dirs, data, vote, pred_root):
+        """`predict` with each model (and its chain) in its own process, writing its label maps
+        of every test case; the vote then reads them back. Peak memory: one model's."""
+        start, folders = time.time(), {}
+        test = (data.test_dir, data.test_layout, data.test_layout_file, list(data.split["test"]))
+        for m in rows:
+            folders[m.row] = os.path.join(pred_root, m.slug)
+            done = common.call(True, dirs[m.slug], predict_one_model, dirs[m.slug], *test, folders[m.row],
+                               self.scale.tile_size)
+            print(f"  {m.row}: {done} label maps", flush=True)
+        if vote:
+            folders[ENSEMBLE_ROW] = os.path.join(pred_root, "ensemble")
+            for case_id in data.split["test"]:
+                maps = [load_label_map(_pred_file(folders[r], case_id)) for r in vote]
+                fused, _ = ensemble.hierarchical_vote([labels for labels, _ in maps], with_proportions=False)
+                write_label_map(_pred_file(folders[ENSEMBLE_ROW], case_id), fused, maps[0][1], "brats2017")
+        self.timings.record("inference", per_case_s=(time.time() - start) / len(data.split["test"]))
+        return folders
 
     def evaluate(self, pred_dirs, data):
         """{row: per-case metric rows} over the test cases (BraTS metrics), each also written
@@ -419,6 +442,36 @@ class Run:
 
 
 # ------------------------------------------------------------------ helpers
+
+def predict_one_model(model_dir, test_dir, layout, layout_file, case_ids, out_dir, tile_size):
+    """Label maps of one model (with its chain) for `case_ids` into `out_dir`, skipping the
+    cases its stamp (the model's sha256) lists done; returns how many it wrote (module level:
+    `common.in_child_process` runs it by name)."""
+    [(model, chain)] = exported.load_with_chains([model_dir])
+    plan = exported.Plan([model], [chain])
+    stamp_path = os.path.join(out_dir, "done.json")
+    done = read_json(stamp_path, {})
+    if done.get("sha256") != model.sha256:
+        done = {"sha256": model.sha256, "cases": []}
+    cases = {c.case_id: c for c in discover_cases(test_dir, layout, layout_file)}
+    written = 0
+    for case_id in case_ids:
+        if case_id in done["cases"]:
+            continue
+        inputs = pipeline.PreparedInputs(cases[case_id])
+        [(_, labels, _)] = list(pipeline.label_maps(inputs, plan, tile_size=tile_size))
+        write_label_map(_pred_file(out_dir, case_id), labels, inputs.geometry, "brats2017")
+        done["cases"].append(case_id)
+        write_json(stamp_path, done)
+        written += 1
+    return written
+
+
+def load_label_map(path):
+    """(internal labels, geometry) of a label map this experiment wrote (BraTS 2017 values)."""
+    raw, geometry = load_volume(path, dtype=np.int16)
+    return map_labels(raw, LABEL_MAPS["brats2017"], path), geometry
+
 
 def train_model(config, model_dir):
     """One model's training (module level: `common.in_child_process` runs it by name)."""
