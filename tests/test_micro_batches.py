@@ -61,3 +61,22 @@ def test_a_split_that_does_not_divide_the_batch_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="micro_batches=3"):
         Trainer3D(config, tmp_path / "w").run()
     assert not (tmp_path / "w").exists()
+
+
+def test_a_work_dir_resumes_with_another_split_or_a_new_field_left_off(tmp_path):
+    """Another micro-batch split is the same training; a field added to the config since the
+    work dir started (e.g. data.sequence_dropout) is no change while it is off (None)."""
+    import json
+    from brats_tf.configs.train2d import get_config
+    from brats_tf.training.loop import record_config
+    config = get_config("small")
+    record_config(tmp_path, config)
+    recorded = json.loads((tmp_path / "config.json").read_text())
+    del recorded["data"]["sequence_dropout"]                     # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(recorded))
+    record_config(tmp_path, config)                              # accepted
+    config.train.micro_batches = 2
+    record_config(tmp_path, config)                              # accepted: the same updates
+    config.data.sequence_dropout = 0.25
+    with pytest.raises(ConfigError, match="another config"):
+        record_config(tmp_path, config)

@@ -89,14 +89,24 @@ def record_config(workdir, config):
     current = json.loads(config.to_json_best_effort())
     if os.path.exists(path):
         previous = read_json(path)
-        # More iterations, or another split into micro-batches (the same updates), may resume.
+        # More iterations, or another split into micro-batches (the same updates), may resume;
+        # so may a work dir started before a field was added, if the field is off (None).
         strip = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUMABLE_CHANGES}}
-        if strip(previous) != strip(current):
+        if strip(previous) != strip(_without_new_unset_fields(current, previous)):
             raise ConfigError(f"{path}: this work dir was started with another config; "
                               f"use a new --workdir (or the same config)")
         if previous == current:   # a re-run leaves the file (and its time stamp) alone
             return
     write_json(path, current, sort_keys=True)
+
+
+def _without_new_unset_fields(current, previous):
+    """`current` less the fields `previous` lacks whose value is None (added to the config
+    since `previous` was recorded, and off)."""
+    if not isinstance(current, dict) or not isinstance(previous, dict):
+        return current
+    return {k: _without_new_unset_fields(v, previous[k]) if k in previous else v
+            for k, v in current.items() if k in previous or v is not None}
 
 
 def completed_export(workdir, iterations):
