@@ -50,6 +50,8 @@ def test_presets_say_what_their_names_say():
         assert c.optim.accumulation_steps == 5 and c.data.batch_size >= 4
         assert unet3d.output_size(c.model.input_size) == c.model.input_size - 44
     assert paper.model.input_size == 70 and paper.model.preset == "paper"
+    # The paper's batch of 5 patches in 5 parts (the same update; fits 16 GB on a CPU).
+    assert (paper.data.batch_size, paper.train.micro_batches, small.train.micro_batches) == (5, 5, 1)
     assert (paper.optim.learning_rate, paper.optim.min_learning_rate, paper.optim.period,
             paper.optim.decrease_ratio) == (0.25, 0.001, 200, 0.98)
     with pytest.raises(ValueError):

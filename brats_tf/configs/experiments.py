@@ -59,9 +59,6 @@ def get_config(preset="demo"):
         c.num_cases, c.test_fraction, c.num_val, c.pretrain_iterations = 285, 50 / 285, 5, 5000
         c.twod, c.threed = train2d.get_config("paper"), train3d.get_config("paper")
         c.twod.train.iterations, c.threed.train.iterations = 20000, 20000
-        # 2D-3D model C's step on 5 x 70³ x 16 took 16 GB on the CPU (BUILD_NOTES, the paper-scale
-        # smoke run); in 5 parts of one patch, the same update fits. On a large GPU: =1.
-        c.threed.train.micro_batches = 5
     elif preset == "demo":
         # 2-core CPU, the demo in <= 15 min: small phantoms, small widths, few iterations.
         # Smaller normalized-gradient steps than the paper's 0.25, which made the loss of these
