@@ -30,6 +30,7 @@ def _one_step(parts, x, y):
     return values, [w.numpy() for w in model.trainable_weights]
 
 
+@pytest.mark.slow
 def test_four_parts_give_the_whole_batchs_loss_and_update():
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(4, 50, 50, 50, 5)).astype(np.float32))
