@@ -9,10 +9,12 @@ import tensorflow as tf
 from brats_tf.configs.train2d import get_config
 from brats_tf.errors import ConfigError
 from brats_tf.inference import predict
-from brats_tf.models import unet2d
+from brats_tf.configs import train3d
+from brats_tf.models import unet2d, unet3d
 from brats_tf.records import streams
 from brats_tf.records.writer import build_records
 from brats_tf.training.stage2d import Trainer2D
+from brats_tf.training.stage3d import Trainer3D
 from tests.conftest import write_brats2017_case
 
 SEQUENCES = ("t1", "t1c", "t2", "flair")
@@ -107,6 +109,125 @@ def test_the_slice_stream_carries_the_presence_mask(records_with_a_missing_seque
     lone = streams.case_source(str(records_with_a_missing_sequence), ["Case_3"])
     x, _ = streams.SliceStream(lone, "axial", 4, (24, 32), seed=0, sequence_dropout=0.0, window_cases=1).batch(0)
     assert (x["present"][:, SEQUENCES.index("t1c")] == 0).all() and (x["present"][:, 0] == 1).all()
+
+
+@pytest.mark.parametrize("kind", ["standard", "B"])
+def test_a_3d_models_missing_image_channel_changes_nothing(kind):
+    """3D models: a missing sequence's channel is zero-filled whatever it holds, and the
+    presence channels change the output (the model knows which sequences it sees)."""
+    features = 0 if kind == "standard" else 3
+    keras.utils.set_random_seed(3)
+    model = unet3d.build_3d_model(kind, 4, features, levels=(4, 4, 4), final=8, presence=True)
+    assert [i.name for i in model.inputs] == ["patch", "present"]
+    rng = np.random.default_rng(2)
+    patch = rng.normal(size=(2, 46, 46, 46, 4 + features)).astype(np.float32)
+    present = np.array([[1, 0, 1, 1], [0, 0, 0, 1]], np.float32)
+    changed = patch.copy()
+    changed[0, ..., 1] = 40.0
+    changed[1, ..., :3] = rng.normal(size=(46, 46, 46, 3)) * 9
+    before = np.asarray(model({"patch": patch, "present": present})[0])
+    np.testing.assert_array_equal(before, np.asarray(model({"patch": changed, "present": present})[0]))
+    zeroed = patch * np.concatenate([present, np.ones((2, features), np.float32)], 1)[:, None, None, None]
+    other = np.asarray(model({"patch": zeroed, "present": np.ones((2, 4), np.float32)})[0])
+    assert before.any() and np.abs(other - before).max() > 0     # same zeros, told "present": another output
+
+
+@pytest.fixture(scope="module")
+def features_for_missing_records(records_with_a_missing_sequence):
+    """Three feature channels per case (made-up values; the stream only joins them)."""
+    import json
+    from brats_tf.records import schema
+    root = records_with_a_missing_sequence.parent / "features"
+    root.mkdir(exist_ok=True)
+    manifest = json.loads((records_with_a_missing_sequence / "manifest.json").read_text())
+    paths = {}
+    for case in manifest["cases"]:
+        shape = tuple(b - a for a, b in zip(case["crop"]["start"], case["crop"]["stop"]))
+        path = root / f"{case['case_id']}.tfrecord"
+        schema.write_feature_record(str(path), case["case_id"], np.full(shape + (3,), 0.5, np.float16))
+        paths[case["case_id"]] = str(path)
+    return paths
+
+
+def test_the_patch_stream_carries_the_presence_mask(records_with_a_missing_sequence, features_for_missing_records):
+    ids = [f"Case_{i}" for i in range(4)]
+    source = streams.case_source(str(records_with_a_missing_sequence), ids,
+                                 feature_paths=features_for_missing_records, num_features=3)
+    stream = streams.PatchStream(source, 20, 8, 6, seed=1, sequence_dropout=0.4, window_cases=4)
+    spec = stream.dataset().element_spec[0]
+    assert spec["patch"].shape == (6, 20, 20, 20, 7) and spec["present"].shape == (6, 4)
+    dropped_some = False
+    for b in range(12):
+        x, _ = stream.batch(b)
+        present = x["present"].astype(bool)
+        assert present.any(axis=1).all()
+        used = np.abs(x["patch"]).reshape(6, -1, 7).max(axis=1) > 0
+        assert not (used[:, :4] & ~present).any()    # dropped or missing image channels: zero
+        assert used[:, 4:].all()                       # feature channels are never dropped
+        dropped_some |= bool((~present).any())
+    assert dropped_some
+    lone = streams.case_source(str(records_with_a_missing_sequence), ["Case_3"])
+    x, _ = streams.PatchStream(lone, 20, 8, 4, seed=0, sequence_dropout=0.0, window_cases=1).batch(0)
+    assert (x["present"][:, SEQUENCES.index("t1c")] == 0).all() and (x["present"][:, 0] == 1).all()
+
+
+@pytest.fixture(scope="module")
+def dropout_models(records_with_a_missing_sequence, tmp_path_factory):
+    """A 2D model 1 and a standard 3D model trained (briefly) with sequence dropout on
+    records where a case lacks T1c: {"2d": dir, "3d": dir}."""
+    root = tmp_path_factory.mktemp("dropout_models")
+    config2d = get_config("small_dropout")
+    config3d = train3d.get_config("small_dropout")
+    config3d.model.kind, config3d.model.input_size, config3d.model.levels, config3d.model.final = \
+        "standard", 50, (2, 2, 2), 2
+    for config in (config2d, config3d):
+        config.data.records_dir = str(records_with_a_missing_sequence)
+        config.data.batch_size, config.data.val_cases = 4, ["Case_0"]
+        config.train.iterations, config.optim.accumulation_steps, config.train.val_every = 2, 1, 2
+    Trainer2D(config2d, root / "2d").run()
+    Trainer3D(config3d, root / "3d").run()
+    return {"2d": str(root / "2d"), "3d": str(root / "3d")}
+
+
+@pytest.mark.slow
+def test_a_3d_model_trained_with_sequence_dropout_segments_without_a_sequence(records_with_a_missing_sequence,
+                                                                               dropout_models, tmp_path, capsys):
+    """The standard 3D model with sequence dropout: trained on records where a case lacks T1c,
+    `segment` runs it on that case (gated), saying so."""
+    import json
+    from brats_tf.inference import pipeline
+    model = keras.models.load_model(f"{dropout_models['3d']}/model.keras")
+    assert [i.name for i in model.inputs] == ["patch", "present"]
+    capsys.readouterr()
+    data = records_with_a_missing_sequence.parent / "data"
+    pipeline.segment([dropout_models["3d"]], tmp_path / "out", case_dir=str(data / "Case_3"))
+    assert capsys.readouterr().out.splitlines()[0] == \
+        "Case_3: no t1c image; 1 model(s) trained with sequence dropout gate them out"
+    volumes = json.loads((tmp_path / "out" / "Case_3_volumes.json").read_text())
+    assert volumes["missing_sequences"]["handling"] == {f"{dropout_models['3d']}/model.keras": "gated"}
+
+
+@pytest.mark.slow
+def test_a_bundle_of_dropout_models_takes_present_and_gives_the_keras_labels(records_with_a_missing_sequence,
+                                                                             dropout_models, tmp_path):
+    """Bundles: networks trained with sequence dropout get a `present` signature input; on a
+    case lacking T1c the bundle's label map equals the Keras models' voxel for voxel."""
+    import nibabel as nib
+    from brats_tf.inference import bundle, bundle_writer, pipeline
+    paths = [dropout_models["2d"], dropout_models["3d"]]
+    manifest = bundle_writer.export_bundle(paths, tmp_path / "bundle", max_grid=(32, 32, 32), tile_size=16,
+                                           verbose=False)
+    for entry in manifest["networks"]:
+        inputs = entry["signature"]["inputs"]
+        assert inputs["present"]["shape"] == [inputs["image"]["shape"][0], 4]
+        assert entry["signature"]["export_check_max_abs_difference"] == 0
+    case_dir = str(records_with_a_missing_sequence.parent / "data" / "Case_3")
+    keras_out = pipeline.segment(paths, tmp_path / "keras", case_dir=case_dir, max_grid=(32, 32, 32),
+                                 tile_size=16, verbose=False)
+    bundle_out = pipeline.segment(None, tmp_path / "bundled", case_dir=case_dir, bundle=str(tmp_path / "bundle"),
+                                  verbose=False)
+    seg = lambda out: np.asarray(nib.load(out[0][1]["seg"]).dataobj)
+    np.testing.assert_array_equal(seg(bundle_out), seg(keras_out))
 
 
 @pytest.mark.slow

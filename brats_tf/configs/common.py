@@ -31,6 +31,24 @@ def case_selection(num_val_cases, window_cases=8):
     return data
 
 
+SEQUENCE_DROPOUT = 0.25   # the `*_dropout` presets; with four sequences all four kept in 32 % of examples
+
+
+def sequence_dropout():
+    """data.sequence_dropout: None builds the paper's model (one input, every sequence needed);
+    a probability p in [0, 1) builds it with a `present` input (issue 15) and drops each present
+    sequence of each training example with probability p (never all)."""
+    return ml_collections.FieldReference(None, field_type=float)
+
+
+def split_dropout_preset(preset, presets):
+    """("small", True) for "small_dropout"; refuses a preset outside `presets` (+ their _dropout)."""
+    known = tuple(presets) + tuple(f"{p}_dropout" for p in presets)
+    if preset not in known:
+        raise ValueError(f"unknown preset {preset!r}; use one of {known}")
+    return (preset[:-len("_dropout")], True) if preset.endswith("_dropout") else (preset, False)
+
+
 def normalized_momentum(period, accumulation_steps):
     """[M §2.4]: normalized-gradient momentum over N accumulated batches, plateau schedule."""
     optim = ml_collections.ConfigDict()

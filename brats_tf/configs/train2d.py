@@ -12,17 +12,16 @@ import ml_collections
 
 from brats_tf.configs import common
 
-SEQUENCE_DROPOUT = 0.25   # with four sequences: all four kept in 32 % of the slices
-PRESETS = ("paper", "small", "paper_dropout", "small_dropout")
+SEQUENCE_DROPOUT = common.SEQUENCE_DROPOUT
+PRESETS = ("paper", "small")
 
 
 def get_config(preset="small"):
-    """`*_dropout`: the preset with sequence dropout (issue 15): models that segment any
-    non-empty subset of their sequences."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
-    if preset.endswith("_dropout"):
-        c = get_config(preset[:-len("_dropout")])
+    """`*_dropout` (paper_dropout, small_dropout): the preset with sequence dropout (issue 15):
+    models that segment any non-empty subset of their sequences."""
+    preset, dropout = common.split_dropout_preset(preset, PRESETS)
+    if dropout:
+        c = get_config(preset)
         c.data.sequence_dropout = SEQUENCE_DROPOUT
         return c
     paper = preset == "paper"
@@ -36,10 +35,8 @@ def get_config(preset="small"):
     c.data.orientation = "axial"            # axial | coronal | sagittal
     c.data.batch_size = 8 if not paper else 10
     c.data.tumor_fraction = 0.5             # share of non-guaranteed slices drawn from tumor slices
-    # Sequence dropout: None builds the paper's model (one input, every sequence needed); a
-    # probability p in [0, 1) builds it with a `present` input gating each subnetwork, and
-    # drops each present sequence of each training slice with probability p (never all).
-    c.data.sequence_dropout = ml_collections.FieldReference(None, field_type=float)
+    # Sequence dropout (common.sequence_dropout): the `present` input gates each subnetwork.
+    c.data.sequence_dropout = common.sequence_dropout()
 
     c.loss = ml_collections.ConfigDict()
     c.loss.target_weights = (0.7, 0.1, 0.1, 0.1)

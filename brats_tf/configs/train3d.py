@@ -4,7 +4,7 @@
         --config.data.records_dir=R --config.model.kind=A \
         --config.features.dir=F [--config.features.kind=model1] --workdir=W
 
-Presets: `paper` (METHOD §3-§5: 70³ patches, receptive field 45³, target weights
+Presets (each also as `<preset>_dropout`, with sequence dropout): `paper` (METHOD §3-§5: 70³ patches, receptive field 45³, target weights
 0.4/0.2/0.2/0.2, N=5, schedule 0.25/0.001/200/0.98) and `small` (the same code at
 CPU-demo scale: narrow filters, a shorter plateau period F, fewer iterations). The
 receptive field is 45³ in both (fixed by the architecture); the patch side only sets how
@@ -20,8 +20,12 @@ PRESETS = ("paper", "small")
 
 
 def get_config(preset="small"):
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; use one of {PRESETS}")
+    """`*_dropout` (paper_dropout, small_dropout): with sequence dropout (issue 15)."""
+    preset, dropout = common.split_dropout_preset(preset, PRESETS)
+    if dropout:
+        c = get_config(preset)
+        c.data.sequence_dropout = common.SEQUENCE_DROPOUT
+        return c
     paper = preset == "paper"
     c = common.base_config("3d", preset)
 
@@ -39,6 +43,8 @@ def get_config(preset="small"):
     c.data = common.case_selection(num_val_cases=5 if paper else 2, window_cases=8 if paper else 16)
     c.data.batch_size = 5 if paper else 4   # >= 4: class-balanced batches hold every class
     c.data.sampling = "class_balanced"      # class_balanced | tumor_balanced | uniform
+    # Sequence dropout (common.sequence_dropout): image channels zero-filled plus presence channels.
+    c.data.sequence_dropout = common.sequence_dropout()
 
     c.features = ml_collections.ConfigDict()
     c.features.dir = ml_collections.FieldReference(None, field_type=str)   # for A, B, C

@@ -32,6 +32,7 @@ FORMAT_VERSION = 1
 NETWORKS_DIR = "networks"
 SIGNATURE = "logits"       # the serving signature of every network
 INPUT_NAME = "image"
+PRESENT_NAME = "present"    # second input of networks trained with sequence dropout (issue 15)
 OUTPUT_NAME = "logits"
 
 
@@ -138,9 +139,18 @@ class BundleModel(ExportedModel):
             if spec is None or tuple(spec.shape) != self.input_shape:
                 raise DataError(self.path, f"signature input {spec} is not the {self.input_shape} bundle.json records")
             self._model = loaded   # the signature's variables live as long as the loaded object
-            call = lambda x, training=False: signature(**{INPUT_NAME: tf.constant(x)})[OUTPUT_NAME]
+            call = lambda x, training=False: signature(**signature_inputs(x))[OUTPUT_NAME]
             self._network = fixed_shape_call(call, self.input_shape, 2 * self.margin if self.stage == "3d" else 0)
         return self._network
+
+
+def signature_inputs(x):
+    """The serving signature's keyword inputs: `image`, and `present` for a network with it
+    (the image under the Keras model's own input name, "image" or "patch")."""
+    if not isinstance(x, dict):
+        return {INPUT_NAME: tf.constant(x)}
+    image, = [v for k, v in x.items() if k != PRESENT_NAME]
+    return {INPUT_NAME: tf.constant(image), PRESENT_NAME: tf.constant(x[PRESENT_NAME])}
 
 
 @dataclass

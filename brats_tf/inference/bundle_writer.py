@@ -61,6 +61,9 @@ PROCEDURE = [
     "the rest of the last tile after each axis; the input block of a tile (t + 2 margin per side) is "
     "zero-padded at the end to the signature's side and the first t^3 voxels of its output are "
     "the tile's logits.",
+    "Networks with a second input `present` (model_info `presence`: trained with sequence "
+    "dropout): a sequence the case lacks is an all-zero channel, and `present` holds 1.0 / 0.0 per "
+    "sequence of `modalities` (whether its file exists) for every row of the batch.",
     "Labels = argmax over the 4 logits (internal convention), 0 outside the brain, pasted into "
     "the full grid (0 outside the crop box).",
     "Several final networks: the hierarchical vote of `segmentation.vote` on their label maps.",
@@ -84,9 +87,6 @@ def export_bundle(models, out_dir, max_grid=DEFAULT_MAX_GRID, tile_size=TILE_SIZ
     for model in networks:
         if model.stage not in ("2d", "3d"):
             raise ConfigError(f"{model.path}: a {model.stage} model cannot be bundled (2d and 3d models can)")
-        if model.info.get("presence"):   # its SavedModel would need a `present` input in the signature
-            raise ConfigError(f"{model.path}: a model trained with sequence dropout cannot be bundled yet; "
-                              f"segment it with --models")
     ids = {id(m): _network_id(i, m) for i, m in enumerate(networks)}
     parent = os.path.dirname(out)
     try:
@@ -130,27 +130,35 @@ def _write_saved_model(model, folder, input_shape):
     `input_shape`; returns the signature's description, with the largest difference between
     its logits and the Keras model's on one random input (0 when they agree bit for bit)."""
     net = load_network(model.path, model.stage)
+    specs = [tf.TensorSpec(input_shape, tf.float32, name=bundle_lib.INPUT_NAME)]
+    x = np.random.default_rng(0).uniform(0, 4, input_shape).astype(np.float32)
+    feed = x
+    if model.info.get("presence"):   # a second input: 1.0 / 0.0 per sequence and example
+        present_shape = (input_shape[0], len(model.info["modalities"]))
+        specs.append(tf.TensorSpec(present_shape, tf.float32, name=bundle_lib.PRESENT_NAME))
+        image_name = "image" if model.stage == "2d" else "patch"    # the Keras model's input names
+        present = (np.arange(np.prod(present_shape)).reshape(present_shape) % 3 > 0).astype(np.float32)
+        feed = {image_name: x, bundle_lib.PRESENT_NAME: present}
 
-    def serve(image):
-        logits = net(image, training=False)
+    def serve(*inputs):
+        logits = net(inputs[0] if len(inputs) == 1 else {image_name: inputs[0], "present": inputs[1]},
+                     training=False)
         return {bundle_lib.OUTPUT_NAME: logits[0] if isinstance(logits, (list, tuple)) else logits}
 
     archive = keras.export.ExportArchive()
     archive.track(net)
-    archive.add_endpoint(bundle_lib.SIGNATURE, serve,
-                         input_signature=[tf.TensorSpec(input_shape, tf.float32, name=bundle_lib.INPUT_NAME)])
+    archive.add_endpoint(bundle_lib.SIGNATURE, serve, input_signature=specs)
     archive.write_out(folder, verbose=False)
     # The check: the same random input through the SavedModel and through Keras, as segment runs it.
     signature = tf.saved_model.load(folder).signatures[bundle_lib.SIGNATURE]
-    x = np.random.default_rng(0).uniform(0, 4, input_shape).astype(np.float32)
-    saved = signature(**{bundle_lib.INPUT_NAME: tf.constant(x)})[bundle_lib.OUTPUT_NAME].numpy()
-    direct = predict.main_logits(predict.compiled(net), x)
+    saved = signature(**bundle_lib.signature_inputs(feed))[bundle_lib.OUTPUT_NAME].numpy()
+    direct = predict.main_logits(predict.compiled(net), feed)
     difference = float(np.abs(saved - direct).max())
     if difference:
         print(f"warning: {model.path}: the SavedModel's logits differ from the Keras model's by up to "
               f"{difference:.3g} on a random input", file=sys.stderr, flush=True)
     return {"name": bundle_lib.SIGNATURE,
-            "inputs": {bundle_lib.INPUT_NAME: {"shape": list(input_shape), "dtype": "float32"}},
+            "inputs": {spec.name: {"shape": list(spec.shape), "dtype": "float32"} for spec in specs},
             "outputs": {bundle_lib.OUTPUT_NAME: {"shape": list(saved.shape), "dtype": "float32"}},
             "export_check_max_abs_difference": difference}
 

@@ -148,10 +148,15 @@ def fixed_shape_call(function, input_shape, shrink=0):
     """A model-like callable over a network that takes exactly `input_shape`: each chunk of
     `input_shape[0]` inputs (n, spatial <= the fixed ones, channels) is zero-padded at the
     end of every axis (batch included), run, and its output cropped back to the inputs' sides
-    minus `shrink` (2 * margin for valid 3D convolutions, 0 for same-padded 2D ones)."""
+    minus `shrink` (2 * margin for valid 3D convolutions, 0 for same-padded 2D ones).
+    A model with a `present` input takes {name: x, "present": (n, K)} (padding rows: zeros)."""
     batch, fixed, channels = input_shape[0], tuple(input_shape[1:-1]), input_shape[-1]
 
     def call(x, training=False):
+        name, present = None, None
+        if isinstance(x, dict):
+            present = np.asarray(x["present"], np.float32)
+            (name, x), = [(k, v) for k, v in x.items() if k != "present"]
         x = np.asarray(x, np.float32)
         sides = x.shape[1:-1]
         if x.shape[-1] != channels or len(sides) != len(fixed) or any(s > f for s, f in zip(sides, fixed)):
@@ -162,6 +167,10 @@ def fixed_shape_call(function, input_shape, shrink=0):
             chunk = x[start:start + batch]
             canvas = np.zeros(input_shape, np.float32)
             canvas[(slice(0, len(chunk)),) + tuple(slice(0, s) for s in sides)] = chunk
+            if present is not None:
+                rows = np.zeros((batch, present.shape[1]), np.float32)
+                rows[:len(chunk)] = present[start:start + batch]
+                canvas = {name: canvas, "present": rows}
             logits = predict.main_logits(function, canvas)
             out.append(logits[(slice(0, len(chunk)),) + tuple(slice(0, s - shrink) for s in sides)])
         return np.concatenate(out)

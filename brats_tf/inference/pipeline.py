@@ -212,7 +212,8 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
                               f"(grid {features.shape[:3]} vs {image.shape[:3]})")
         image = np.concatenate([np.asarray(image, features.dtype), features], axis=-1)
     tile = predict.fitted_tile_size(image.shape[:3], tile_size)
-    return predict.predict_tiled_3d(model.network, image, tile + 2 * model.margin, tile, batch_size=1)
+    return predict.predict_tiled_3d(model.network, image, tile + 2 * model.margin, tile, batch_size=1,
+                                    present=inputs.present_for(model))
 
 
 def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,

@@ -27,6 +27,13 @@ def sequences_present(image):
     return np.any(image.reshape(-1, image.shape[-1]) != 0, axis=0).astype(np.float32)
 
 
+def with_present(batch, present, name):
+    """A model's input: the batch alone, or {name: batch, "present": present per example}."""
+    if present is None:
+        return batch
+    return {name: batch, "present": np.repeat(np.asarray(present, np.float32)[None], len(batch), 0)}
+
+
 def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8, present=None):
     """Pre-softmax logits (X, Y, Z, C) of a 2D model over every slice of `image` (X, Y, Z, K).
     present: (K,) 1.0 / 0.0 per sequence, for a model built with presence (its `present`
@@ -39,9 +46,7 @@ def predict_2d_logits(model, image, orientation, multiple=1, batch_size=8, prese
         chunk = slices[start:start + batch_size]
         batch = np.zeros((len(chunk), ph, pw, chunk.shape[-1]), np.float32)
         batch[:, :h, :w] = chunk
-        if present is not None:
-            batch = {"image": batch, "present": np.repeat(np.asarray(present, np.float32)[None], len(chunk), 0)}
-        logits = main_logits(model, batch)[:, :h, :w]
+        logits = main_logits(model, with_present(batch, present, "image"))[:, :h, :w]
         if out is None:
             out = np.empty((num, h, w, logits.shape[-1]), np.float32)
         out[start:start + len(chunk)] = logits
@@ -54,13 +59,14 @@ def predict_2d_labels(model, image, orientation, multiple=1, batch_size=8, prese
                      axis=-1).astype(np.uint8)
 
 
-def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_classes=None):
+def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_classes=None, present=None):
     """Logits (X, Y, Z, C) of a 3D patch model over a whole volume (X, Y, Z, K), by tiling.
 
     The model maps an `input_size`³ block to the `output_size`³ block at its center (valid
     convolutions: 70 -> 26; same-size models: 24 -> 24). Output tiles are laid edge to edge,
     so every voxel is predicted exactly once (no blending); the volume is zero-padded so
-    border voxels get full context, as in training.
+    border voxels get full context, as in training. present: (K,) for a model built with
+    presence (its `present` input), as in predict_2d_logits.
     """
     volume = np.asarray(volume, np.float32)
     shape = volume.shape[:3]
@@ -74,7 +80,7 @@ def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_c
     for first in range(0, len(starts), batch_size):
         chunk = starts[first:first + batch_size]
         batch = np.stack([padded[x:x + input_size, y:y + input_size, z:z + input_size] for x, y, z in chunk])
-        logits = main_logits(model, batch)
+        logits = main_logits(model, with_present(batch, present, "patch"))
         if out is None:
             out = np.zeros(tuple(padded_shape) + (num_classes or logits.shape[-1],), np.float32)
         for (x, y, z), tile in zip(chunk, logits):
@@ -113,7 +119,7 @@ def compiled(model):
         return np.concatenate([x, np.zeros((largest[0] - count,) + x.shape[1:], np.float32)])
 
     def call(x, training=False):
-        count = len(x["image"] if isinstance(x, dict) else x)
+        count = len(x["present"] if isinstance(x, dict) else x)
         largest[0] = max(largest[0], count)
         if isinstance(x, dict):   # a model with a `present` input
             outputs = function({k: tf.constant(padded(v, count)) for k, v in x.items()})

@@ -53,6 +53,22 @@ class SequenceGate(layers.Layer):
         return {**super().get_config(), "sequence": self.sequence}
 
 
+@keras.saving.register_keras_serializable(package="brats_tf")
+class PresenceChannels(layers.Layer):
+    """call([x, present]): `present` (B, K) broadcast over x's spatial grid, K constant
+    channels (B, ..., K) that tell the next convolution which sequences are present."""
+
+    def call(self, inputs):
+        x, present = inputs
+        present = ops.cast(present, x.dtype)
+        spatial = len(x.shape) - 2
+        ones = ops.ones_like(x[..., :1])
+        return ones * ops.reshape(present, (-1,) + (1,) * spatial + (present.shape[-1],))
+
+    def compute_output_shape(self, input_shapes):
+        return (*input_shapes[0][:-1], input_shapes[1][-1])
+
+
 def conv_bn_relu(x, filters, name, kernel_size=3):
     """Conv (no bias: BN follows) -> batch normalization -> ReLU, 'same' padding."""
     x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False,

@@ -39,6 +39,13 @@ Models (input: K image channels, then F feature channels for 2D-3D models, as
   concatenated before the final conv sequence [Fig. 9 bottom right].
 
 Output: one output named `main`, logits (no softmax). Layer names are `<stream>.<block>`.
+
+Missing sequences (issue 15): built with `presence=True`, a model takes {"patch", "present"}
+with `present` (B, K) 1.0 / 0.0 per sequence. Its image channels are zero-filled where a
+sequence is missing (`SequenceGate`, whatever the channel holds) and K constant presence
+channels follow them, so the first convolutions know which sequences they see (a per-subset
+bias); the kinds then treat these 2K channels as the image. Trained with sequence dropout
+(`data.sequence_dropout`, `PatchStream`).
 """
 
 import dataclasses
@@ -48,7 +55,7 @@ from keras import layers, ops
 
 from brats_tf.constants import NUM_CLASSES
 from brats_tf.errors import require_kind
-from brats_tf.models.blocks import SelectChannels
+from brats_tf.models.blocks import PresenceChannels, SelectChannels, SequenceGate
 
 RECEPTIVE_FIELD = 45
 MARGIN = (RECEPTIVE_FIELD - 1) // 2   # input voxels on each side of the output block
@@ -170,11 +177,12 @@ def final_sequence(x, filters, num_classes):
 
 
 def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset="small",
-                   num_classes=NUM_CLASSES, input_size=None, levels=None, final=None):
+                   num_classes=NUM_CLASSES, input_size=None, levels=None, final=None, presence=False):
     """One of the 3D models (see the module docstring).
 
     The input `patch` has num_image_channels + num_features channels (features last);
     `input_size` fixes its side (None: any size >= 45, as used for tiled inference).
+    presence: a second input `present` (B, K) (see the module docstring).
     """
     _check_kind(kind)
     if needs_features(kind) and num_features < 1:
@@ -186,9 +194,22 @@ def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset
     filters = resolve_filters(preset, levels, final)
     k, f = int(num_image_channels), int(num_features)
     patch = keras.Input((input_size,) * 3 + (k + f,), name="patch")
-    merged = STREAMS[kind](patch, k, f, filters)
+    inputs, x = patch, patch
+    if presence:
+        present = keras.Input((k,), name="present")
+        inputs, x, k = {"patch": patch, "present": present}, _with_presence(patch, present, k, f), 2 * k
+    merged = STREAMS[kind](x, k, f, filters)
     logits = final_sequence(merged, filters, num_classes)
-    return keras.Model(patch, [logits], name=f"unet3d_{kind}")
+    return keras.Model(inputs, [logits], name=f"unet3d_{kind}")
+
+
+def _with_presence(patch, present, k, f):
+    """[image zero-filled where missing, K presence channels, features]."""
+    image = SequenceGate(name="presence.zero_fill")([SelectChannels(range(k), name="presence.image")(patch), present])
+    parts = [image, PresenceChannels(name="presence.channels")([patch, present])]
+    if f:
+        parts.append(SelectChannels(range(k, k + f), name="presence.features")(patch))
+    return layers.Concatenate(name="presence.concat")(parts)
 
 
 # --- the kinds: how image (first k channels) and features (next f) reach the final sequence

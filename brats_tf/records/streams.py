@@ -229,6 +229,11 @@ def drop_sequences(key, present, probability):
     return tf.cast(kept, tf.float32)
 
 
+def _check_dropout(probability):
+    if probability is not None and not 0 <= probability < 1:
+        raise ConfigError(f"sequence_dropout must be in [0, 1), got {probability}")
+
+
 def permute(key, tensors):
     """The same random permutation of the leading axis of each tensor."""
     order = tf.argsort(tf.random.stateless_uniform([tensors[0].shape[0]], key))
@@ -282,11 +287,18 @@ class _Stream:
 
     def _cut(self, win, batch_number):
         x, y = self.cut(win, batch_number)
-        if isinstance(x, dict):
-            x = dict(x, image=tf.ensure_shape(x["image"], self.x_shape))
+        if isinstance(x, dict):   # {"image" or "patch", "present"}
+            x = {k: tf.ensure_shape(v, self.x_shape if k != "present" else (self.batch_size, len(self.source.channels)))
+                 for k, v in x.items()}
         else:
             x = tf.ensure_shape(x, self.x_shape)
         return x, tf.ensure_shape(y, self.y_shape)
+
+    def source_present(self, win, cases, b):
+        """(B, K) float32: the sequences each example keeps after sequence dropout (issue 15),
+        from its case's stored `modality_present` (the mask travels with the data)."""
+        stored = tf.gather(win["modality_present"], list(self.source.channels), axis=1)   # (W, K)
+        return drop_sequences(_key(self.seed, b, -2), tf.gather(stored, cases), self.sequence_dropout)
 
     def batch(self, batch_number):
         """Batch `batch_number` as NumPy (tests, calibration): the stream's own batch."""
@@ -306,8 +318,7 @@ class SliceStream(_Stream):
                  sequence_dropout=None, **window):
         if orientation not in ORIENTATIONS:
             raise ConfigError(f"orientation must be one of {ORIENTATIONS}, got {orientation!r}")
-        if sequence_dropout is not None and not 0 <= sequence_dropout < 1:
-            raise ConfigError(f"sequence_dropout must be in [0, 1), got {sequence_dropout}")
+        _check_dropout(sequence_dropout)
         super().__init__(source, batch_size, seed, **window)
         self.orientation, self.axis = orientation, SLICE_AXIS[orientation]
         self.tumor_fraction = float(tumor_fraction)
@@ -354,8 +365,7 @@ class SliceStream(_Stream):
         if self.sequence_dropout is None:
             x, y = permute(_key(self.seed, b, -1), [x, y])
             return x, tf.cast(y, tf.int32)
-        stored = tf.gather(win["modality_present"], list(self.source.channels), axis=1)   # (W, K)
-        present = drop_sequences(_key(self.seed, b, -2), tf.gather(stored, cases), self.sequence_dropout)
+        present = self.source_present(win, cases, b)
         x = x * present[:, tf.newaxis, tf.newaxis, :]    # dropped: zero-filled, as a missing one is
         x, present, y = permute(_key(self.seed, b, -1), [x, present, y])
         return {"image": x, "present": present}, tf.cast(y, tf.int32)
@@ -384,9 +394,13 @@ class PatchStream(_Stream):
     fields = ("class_centers", "class_center_count", "brain_centers", "brain_center_count")
 
     def __init__(self, source, input_size, label_size, batch_size, seed=0, sampling="class_balanced",
-                 binary=False, **window):
+                 binary=False, sequence_dropout=None, **window):
         if sampling not in SAMPLING:
             raise ConfigError(f"sampling must be one of {SAMPLING}, got {sampling!r}")
+        _check_dropout(sequence_dropout)
+        self.sequence_dropout = sequence_dropout
+        if sequence_dropout is not None:   # x = {"patch", "present"} for models built with presence
+            self.fields = PatchStream.fields + ("modality_present",)
         if label_size > input_size or (input_size - label_size) % 2:
             raise ConfigError(f"label_size {label_size} must fit centered in input_size {input_size}")
         super().__init__(source, batch_size, seed, **window)
@@ -416,11 +430,19 @@ class PatchStream(_Stream):
                                                                           win["volume"].dtype))
         y = tf.map_fn(lambda a: tf.ensure_shape(self._label_block(win, a[0], a[1]), (label_size,) * 3),
                       (cases, centers), fn_output_signature=tf.TensorSpec((label_size,) * 3, win["label"].dtype))
-        x, y = permute(_key(self.seed, b, -1), [x, y])
+        x = tf.cast(x, tf.float32)
+        if self.sequence_dropout is None:
+            x, y = permute(_key(self.seed, b, -1), [x, y])
+            return x, self._labels(y)
+        present = self.source_present(win, cases, b)
+        features = tf.ones([self.batch_size, self.num_channels - present.shape[1]])
+        x = x * tf.concat([present, features], 1)[:, tf.newaxis, tf.newaxis, tf.newaxis, :]
+        x, present, y = permute(_key(self.seed, b, -1), [x, present, y])
+        return {"patch": x, "present": present}, self._labels(y)
+
+    def _labels(self, y):
         y = tf.cast(y, tf.int32)
-        if self.binary:
-            y = tf.cast(y > 0, tf.int32)
-        return tf.cast(x, tf.float32), y
+        return tf.cast(y > 0, tf.int32) if self.binary else y
 
     def _label_block(self, win, case, center):
         return crop_block(win["label"], case, center - self.label_size // 2, self.label_size)

@@ -33,11 +33,15 @@ class Trainer3D(Trainer):
         if missing:
             raise ConfigError(f"data.modalities {missing} are not in the records ({manifest['modalities']})")
         channels = [manifest["modalities"].index(m) for m in modalities]
+        dropout = c.data.get("sequence_dropout")
+        if dropout is not None and not 0 <= dropout < 1:
+            raise ConfigError(f"data.sequence_dropout={dropout}: needs a probability in [0, 1)")
         self.val_cases = load_cases(c.data.records_dir, self.split["val"], channels)
         self.model_spec = {"stage": "3d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
                            "levels": list(c.model.levels) if c.model.levels else None, "final": c.model.final,
                            "input_size": c.model.input_size, "output_size": output_size,
-                           "receptive_field": unet3d.RECEPTIVE_FIELD, "num_features": 0, "features": None}
+                           "receptive_field": unet3d.RECEPTIVE_FIELD, "num_features": 0, "features": None,
+                           "presence": dropout is not None}
         self.val_features, feature_paths = None, None
         if unet3d.needs_features(kind):
             feature_paths = self._load_features(manifest)
@@ -89,18 +93,21 @@ class Trainer3D(Trainer):
     def make_sampler(self, global_batch_size):
         c, spec = self.config, self.model_spec
         return streams.PatchStream(self.train_source, spec["input_size"], spec["output_size"], global_batch_size,
-                                   seed=c.seed, sampling=c.data.sampling, **streams.window_options(c.data))
+                                   seed=c.seed, sampling=c.data.sampling,
+                                   sequence_dropout=c.data.get("sequence_dropout"), **streams.window_options(c.data))
 
     def build_model(self):
         spec = self.model_spec
         return unet3d.build_3d_model(spec["kind"], len(spec["modalities"]), spec["num_features"], spec["preset"],
-                                     levels=spec["levels"], final=spec["final"])
+                                     levels=spec["levels"], final=spec["final"], presence=spec["presence"])
 
     def predict_labels(self, case):
         volume = case.image
         if self.val_features is not None:
             index = [v.case_id for v in self.val_cases].index(case.case_id)
             volume = np.concatenate([np.asarray(case.image, np.float16), self.val_features[index]], axis=-1)
+        present = predict.sequences_present(case.image) if self.model_spec["presence"] else None
         tile = predict.fitted_tile_size(volume.shape[:3], self.config.train.tile_size)
-        logits = predict.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1)
+        logits = predict.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1,
+                                          present=present)
         return np.argmax(logits, axis=-1).astype(np.uint8)
