@@ -16,6 +16,9 @@ phantoms and a few iterations per model).
   `num_val`: validation cases (the trainers' checks); `pretrain_iterations`: one modality
   subnetwork alone (table2_missing); `tile_size`: largest output side of a 3D inference tile;
   `sequence_dropout`: the dropout probability of missing_inference's model (a);
+  `missing_iterations`: missing_inference's two models (None: twod's);
+  `table2.num_cases` (None: num_cases), `table2.seeds`: table2_missing's phantoms and the
+  training seeds it averages each test case's Dice over;
   `process_per_model`: train each model and extract each feature set in its own process
   (paper: TensorFlow keeps a model's peak memory for the life of its process).
 - `twod`, `threed`: the train2d / train3d config every 2D / 3D model starts from. The
@@ -65,7 +68,7 @@ def get_config(preset="demo"):
         # small networks spike in short runs (measured: 2D axial validation Dice 0.15 -> 0.76
         # for edema at lr 0.1; the 3D models did not learn at all at 0.25). 3D: the small
         # widths on 54³ patches (10³ labels), one batch per update.
-        c.num_cases, c.test_fraction, c.num_val, c.pretrain_iterations = 20, 0.3, 2, 40
+        c.num_cases, c.test_fraction, c.num_val, c.pretrain_iterations = 20, 0.3, 2, 200
         c.shape = (80, 80, 64)
         c.twod, c.threed = train2d.get_config("small"), train3d.get_config("small")
         c.twod.train.iterations = 90
@@ -90,11 +93,28 @@ def get_config(preset="demo"):
         # Op determinism: same seed, same table (tiny: tested; demo: the 3D models still differ,
         # BUILD_NOTES "The demo, reproducibly").
         c.twod.deterministic = c.threed.deterministic = True
+    c.table2 = table2_config(preset)
     c.sequence_dropout = train2d.SEQUENCE_DROPOUT   # missing_inference's model (a)
+    # missing_inference's two models (None: twod.train.iterations). Demo: longer than the other
+    # 2D models, since the dropout model meets each of the 15 subsets in a fraction of its slices.
+    c.missing_iterations = ml_collections.FieldReference(240 if preset == "demo" else None, field_type=int)
     c.process_per_model = preset == "paper"   # the others: no start-up cost per model
     c.tile_size = TILE_SIZE_3D                # (threed.train.tile_size: the validation's, the same)
     c.shen = shen_config(preset)
     return c
+
+
+def table2_config(preset):
+    """table2_missing's own data size and seeds (`pretrain_iterations` is the scale's).
+    Demo: the question [M] asks (do subnetworks pretrained on every case having their sequence
+    help a model trained on the few complete cases?) made answerable on a CPU (BUILD_NOTES):
+    more phantoms per subset, subnetworks pretrained longer than the model trains, 3 seeds."""
+    t = ml_collections.ConfigDict()
+    t.num_cases = ml_collections.FieldReference(None, field_type=int)   # None: the scale's num_cases
+    t.seeds = 1
+    if preset == "demo":
+        t.num_cases, t.seeds = 36, 3
+    return t
 
 
 def shen_config(preset):
@@ -146,7 +166,8 @@ def from_flags(config_flag, scale_flag):
 
 
 # Lower bounds of the experiment-level fields (the model sections: common.check_ranges).
-MINIMUM = {"num_cases": 1, "num_val": 0, "pretrain_iterations": 0, "tile_size": 1,
+MINIMUM = {"num_cases": 1, "num_val": 0, "pretrain_iterations": 0, "tile_size": 1, "table2.seeds": 1,
+           "table2.num_cases": 1, "missing_iterations": 1,
            "shen.num_val": 0, "shen.target_train": 1, "shen.transfer_iterations": 0}
 
 

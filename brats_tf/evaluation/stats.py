@@ -69,6 +69,19 @@ def join_cases(baseline_rows, candidate_rows, use_intersection=False, names=("ba
     return ids, [baseline[i] for i in ids], [candidate[i] for i in ids]
 
 
+def mean_over_runs(runs):
+    """Per-case metric rows averaged over several runs on the same cases (e.g. training
+    seeds): each numeric field's mean, for the cases every run scored, in the first run's order."""
+    by_case = [{r["Label"]: r for r in rows} for rows in runs]
+    common = [r["Label"] for r in runs[0] if all(r["Label"] in cases for cases in by_case)]
+    out = []
+    for case_id in common:
+        rows = [cases[case_id] for cases in by_case]
+        out.append({k: float(np.mean([r[k] for r in rows])) if isinstance(v, (int, float)) and not isinstance(v, bool)
+                    else v for k, v in rows[0].items()})
+    return out
+
+
 def paired_tests(baseline_rows, candidate_rows, metric="Dice", regions=PAPER_REGIONS,
                  alternative="greater", use_intersection=False, names=("baseline", "candidate")):
     """Per region, paired one-tailed t-test and Wilcoxon test of candidate vs baseline.

@@ -61,8 +61,9 @@ def missing_inference(args):
     with run.stage("data and records"):
         data = run.prepare_data()
     with run.stage("2D models"):
-        plain_dir = run.train(PLAIN, run.config_2d(PLAIN, data))
-        config = run.config_2d(DROPOUT, data)
+        iterations = run.scale.missing_iterations
+        plain_dir = run.train(PLAIN, run.config_2d(PLAIN, data, iterations=iterations))
+        config = run.config_2d(DROPOUT, data, iterations=iterations)
         config.data.sequence_dropout = run.scale.sequence_dropout
         dropout_dir = run.train(DROPOUT, config)
     with run.stage("inference and evaluation"):

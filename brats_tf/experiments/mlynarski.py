@@ -37,7 +37,7 @@ import keras
 import numpy as np
 
 from brats_tf.inference import ensemble
-from brats_tf.evaluation import evaluate
+from brats_tf.evaluation import evaluate, stats
 from brats_tf.report import markdown
 from brats_tf.report import tables
 from brats_tf.inference import exported, pipeline
@@ -156,39 +156,84 @@ MISSING_STAGES = ("data and records", "subnetwork pretraining", "2D models", "in
 
 
 def table2_missing(args):
-    """METHOD §8 Table 2: 2D model 1 with missing sequences, with/without pretrained subnetworks."""
+    """METHOD §8 Table 2: 2D model 1 with missing sequences, with/without pretrained subnetworks.
+    With `table2.seeds` > 1, the subnetworks and the three models are trained once per seed
+    (seed, seed + 1, ...) on the same data and split; each test case's Dice is averaged over
+    the seeds and the paired tests run over the test cases (training noise averaged out, the
+    case as the unit); each seed's own test is in the report too."""
     run = Run(args, "table2_missing", MISSING_STAGES)
     with run.stage("data and records"):
-        data = run.prepare_data(subsets=5)
+        data = run.prepare_data(subsets=5, num_cases=run.scale.table2.num_cases)
         missing = run.missing_data(data)
+    seeds = [args.seed + i for i in range(run.scale.table2.seeds)]
+    rows = [Model("2D model 1, missing data", "2d_model1_subset1", "2d", "model1"),
+            Model("2D model 1, missing data + pretrained subnetworks", "2d_model1_subset1_pretrained", "2d",
+                  "model1"),
+            Model("2D model 1, full data", "2d_model1_full", "2d", "model1")]
+    per_seed = {}
+    for seed in seeds:
+        tag = "" if len(seeds) == 1 else f"_seed{seed}"
+        if tag:
+            print(f"seed {seed} ({seeds.index(seed) + 1} of {len(seeds)})", flush=True)
+        seeded = [dataclasses.replace(m, slug=m.slug + tag) for m in rows]
+        dirs = _train_table2_models(run, data, missing, seeded, seed, tag)
+        with run.stage("inference"):
+            pred_dirs = run.predict(seeded, dirs, data, folder=f"predictions{tag}")
+        with run.stage("evaluation"):
+            per_seed[seed] = (dirs, pred_dirs, run.evaluate(pred_dirs, data))
+    comparisons = [("2D vs 2D with pretrained subnetworks, missing data", rows[0].row, rows[1].row)]
+    dirs, pred_dirs, evaluations = per_seed[seeds[0]]
+    notes = [subsets_note(data.split["subsets"], missing.manifest["modalities"])]
+    if len(seeds) > 1:
+        evaluations = {row: stats.mean_over_runs([per_seed[s][2][row] for s in seeds]) for row in evaluations}
+        for m in rows:
+            evaluate.write_evaluation_csv(os.path.join(run.out_dir, "evaluation", f"{m.slug}_mean_over_seeds.csv"),
+                                          evaluations[m.row])
+        notes.insert(0, seeds_note(seeds, {s: per_seed[s][2] for s in seeds}, comparisons))
+    with run.stage("report"):
+        seeded = [dataclasses.replace(m, slug=m.slug + ("" if len(seeds) == 1 else f"_seed{seeds[0]}")) for m in rows]
+        return run.report("Table 2: missing MR sequences", evaluations, comparisons,
+                          {m.row: os.path.join(dirs[s.slug], "train_log.csv") for m, s in zip(rows, seeded)},
+                          pred_dirs, data, overlay_rows=[m.row for m in rows], extra_notes=notes)
+
+
+def _train_table2_models(run, data, missing, rows, seed, tag):
+    """One seed's subnetworks (each on every training case that has its sequence) and the
+    three models; returns {slug: work dir}."""
     subsets, modalities = data.split["subsets"], missing.manifest["modalities"]
+    subset_model, pretrained, full = rows
     with run.stage("subnetwork pretraining"):
         subnetworks = []
-        for modality in modalities:   # every training case that has the sequence
-            model = Model(f"subnetwork {modality}", f"subnetwork_{modality}", "2d", "model1")
-            config = run.config_2d(model, missing, iterations=run.scale.pretrain_iterations,
+        for modality in modalities:
+            model = Model(f"subnetwork {modality}", f"subnetwork_{modality}{tag}", "2d", "model1")
+            config = run.config_2d(model, missing, iterations=run.scale.pretrain_iterations, seed=seed,
                                    subnetwork=modality)
             subnetworks.append(run.train(model, config))
-    subset_model = Model("2D model 1, missing data", "2d_model1_subset1", "2d", "model1")
-    pretrained = Model("2D model 1, missing data + pretrained subnetworks", "2d_model1_subset1_pretrained", "2d",
-                       "model1")
-    full = Model("2D model 1, full data", "2d_model1_full", "2d", "model1")
     with run.stage("2D models"):
-        dirs = {subset_model.slug: run.train(subset_model, run.config_2d(subset_model, missing, train=subsets[0])),
+        return {subset_model.slug: run.train(subset_model, run.config_2d(subset_model, missing, train=subsets[0],
+                                                                         seed=seed)),
                 pretrained.slug: run.train(pretrained, run.config_2d(
-                    pretrained, missing, train=subsets[0], pretrained_subnetworks=",".join(subnetworks))),
-                full.slug: run.train(full, run.config_2d(full, data))}
-    rows = [subset_model, pretrained, full]
-    with run.stage("inference"):
-        pred_dirs = run.predict(rows, dirs, data)
-    with run.stage("evaluation"):
-        evaluations = run.evaluate(pred_dirs, data)
-    comparisons = [("2D vs 2D with pretrained subnetworks, missing data", subset_model.row, pretrained.row)]
-    with run.stage("report"):
-        notes = [subsets_note(subsets, modalities)]
-        return run.report("Table 2: missing MR sequences", evaluations, comparisons,
-                          {m.row: os.path.join(dirs[m.slug], "train_log.csv") for m in rows}, pred_dirs, data,
-                          overlay_rows=[m.row for m in rows], extra_notes=notes)
+                    pretrained, missing, train=subsets[0], seed=seed, pretrained_subnetworks=",".join(subnetworks))),
+                full.slug: run.train(full, run.config_2d(full, data, seed=seed))}
+
+
+def seeds_note(seeds, evaluations, comparisons):
+    """Mean Dice and the paired test of each seed alone."""
+    regions = stats.PAPER_REGIONS
+    (title, baseline, treated), = comparisons
+    rows = []
+    for seed in seeds:
+        tests = stats.paired_tests(evaluations[seed][baseline], evaluations[seed][treated], regions=regions,
+                                   names=(baseline, treated))
+        means = [f"{100 * np.mean([r[f'Dice_{g}'] for r in evaluations[seed][row]]):.1f}"
+                 for row in (baseline, treated) for g in regions]
+        rows.append([str(seed)] + means + [stats.format_pvalue(t.t_pvalue, bold_if_significant=True) for t in tests])
+    header = (["Seed"] + [f"without {g}" for g in regions] + [f"pretrained {g}" for g in regions] +
+              [f"p {g}" for g in regions])
+    return "\n".join([f"## Each seed alone ({title}; one-tailed paired t-test, pretrained better)\n",
+                      "The tables above average each test case's Dice over the seeds "
+                      f"({', '.join(map(str, seeds))}) before the paired test over the cases.\n",
+                      tables.markdown_table(header, rows)])
 
 
 def subsets_note(subsets, modalities):
@@ -219,11 +264,13 @@ class Run:
         return self.stages.run(title)
 
     # --- data -------------------------------------------------------------------------------
-    def prepare_data(self, subsets=0):
+    def prepare_data(self, subsets=0, num_cases=None):
+        """The data, its records and split; `num_cases` phantoms (default: the scale's) when
+        no --data_dir is given."""
         a, scale = self.args, self.scale
         layout, layout_file = (a.layout, a.layout_file) if a.data_dir else ("auto", None)
-        data_dir = common.synthesize_unless_given(a.data_dir, self.work, "phantoms", scale.num_cases, a.seed,
-                                                  scale.shape)
+        data_dir = common.synthesize_unless_given(a.data_dir, self.work, "phantoms", num_cases or scale.num_cases,
+                                                  a.seed, scale.shape)
         records_dir = os.path.join(self.work, "records")
         manifest = common.ensure_records(data_dir, records_dir, layout, layout_file)
         ids = common.labeled_ids(manifest)
@@ -255,7 +302,7 @@ class Run:
         return dataclasses.replace(data, data_dir=out, records_dir=records_dir, manifest=manifest)
 
     # --- configs ----------------------------------------------------------------------------
-    def config_2d(self, model, data, train=None, iterations=None, **train_fields):
+    def config_2d(self, model, data, train=None, iterations=None, seed=None, **train_fields):
         """The config of a 2D model: the scale's `twod`, this model's kind and orientation,
         the data's split (or `train` cases), `iterations` (default: the scale's) and other
         `train.` fields (subnetwork, pretrained_subnetworks)."""
@@ -264,7 +311,7 @@ class Run:
         c.train.iterations = iterations or c.train.iterations
         for key, value in train_fields.items():
             c.train[key] = value
-        return self._finish_config(c, data, train, "2d")
+        return self._finish_config(c, data, train, "2d", seed)
 
     def config_3d(self, model, data, feature_dirs, dirs):
         c = copy.deepcopy(self.scale.threed)
@@ -274,8 +321,8 @@ class Run:
             c.features.models = ",".join(dirs[f"2d_{model.features}_{o}"] for o in ORIENTATIONS)
         return self._finish_config(c, data, None, "3d")
 
-    def _finish_config(self, c, data, train, stage):
-        c.seed = self.args.seed
+    def _finish_config(self, c, data, train, stage, seed=None):
+        c.seed = self.args.seed if seed is None else seed
         c.data.records_dir = data.records_dir
         c.data.train_cases = list(train or data.split["train"])
         c.data.val_cases = list(data.split["val"])
@@ -316,10 +363,10 @@ class Run:
         return out_dir
 
     # --- inference, evaluation, report ---------------------------------------------------------
-    def predict(self, rows, dirs, data, vote=()):
+    def predict(self, rows, dirs, data, vote=(), folder="predictions"):
         """Label maps of every row's model (and of the vote of the `vote` rows) for the test
-        cases, through the segment code; returns {row: prediction folder}."""
-        pred_root = os.path.join(self.out_dir, "predictions")
+        cases, through the segment code, under out_dir/`folder`; returns {row: prediction folder}."""
+        pred_root = os.path.join(self.out_dir, folder)
         if self.scale.process_per_model:
             return self._predict_per_model(rows, dirs, data, vote, pred_root)
         loaded = exported.load_with_chains([dirs[m.slug] for m in rows])
