@@ -17,6 +17,7 @@ SCRIPTS = {
     "brats-compare": "brats_tf.compare",
     "brats-export": "brats_tf.export",
     "brats-experiment": "brats_tf.experiment",
+    "brats-launch": "brats_tf.launch",
     "brats-check-dataset": "data_prep.check_dataset",
     "brats-build-records": "data_prep.build_records",
 }
@@ -37,6 +38,7 @@ def _script(name):
 segment = _script("brats-segment")
 train = _script("brats-train")
 evaluate = _script("brats-evaluate")
+launch = _script("brats-launch")
 fuse = _script("brats-fuse")
 compare = _script("brats-compare")
 export = _script("brats-export")

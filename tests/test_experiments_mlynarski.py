@@ -192,3 +192,24 @@ def test_every_model_row_names_a_kind_the_trainers_know():
     for row in rows:
         assert row.kind in (unet2d.KINDS if row.stage == "2d" else unet3d.KINDS), row
     assert len({r.slug for r in rows}) == len(rows) and len({r.row for r in rows}) == len(rows)
+
+
+@pytest.mark.slow
+def test_table2_missing_over_several_seeds_averages_each_case_before_the_test(tmp_path):
+    config = get_config("tiny")
+    config.table2.num_cases, config.table2.seeds, config.shape, config.test_fraction = 10, 2, (40, 40, 32), 0.2
+    config.num_val, config.twod.train.iterations, config.pretrain_iterations = 1, 2, 2
+    report = experiments.run("table2_missing", _args(tmp_path, config=config, seed=4))
+    text = open(report).read()
+    assert "## Each seed alone" in text and "| 4 |" in text and "| 5 |" in text
+    for slug in ("2d_model1_subset1", "2d_model1_subset1_pretrained", "2d_model1_full", "subnetwork_flair"):
+        seeds = [json.loads((tmp_path / "models" / f"{slug}_seed{s}" / "config.json").read_text())["seed"]
+                 for s in (4, 5)]
+        assert seeds == [4, 5]
+    folder = tmp_path / "table2_missing" / "evaluation"
+    runs = [read_evaluation_csv(folder / f"2d_model1_subset1_pretrained_seed{s}.csv")[0] for s in (4, 5)]
+    mean = read_evaluation_csv(folder / "2d_model1_subset1_pretrained_mean_over_seeds.csv")[0]
+    assert len(mean) == len(runs[0]) == 2
+    for row in mean:
+        pair = [next(r for r in rows if r["Label"] == row["Label"]) for rows in runs]
+        assert row["Dice_WT"] == pytest.approx((pair[0]["Dice_WT"] + pair[1]["Dice_WT"]) / 2, abs=1e-6)

@@ -129,3 +129,13 @@ def test_comparison_markdown_lists_every_region():
     assert stats.format_pvalue(results[0].t_pvalue, True) in body[0]
     csv_lines = stats.comparison_csv_text(results).splitlines()
     assert csv_lines[0].startswith("region,metric,n,") and len(csv_lines) == 4
+
+
+def test_mean_over_runs_averages_each_case_and_keeps_the_cases_every_run_scored():
+    from brats_tf.evaluation.stats import mean_over_runs
+    runs = [[{"Label": "a", "Dice_WT": 0.5, "Note": "x"}, {"Label": "b", "Dice_WT": 1.0, "Note": "y"}],
+            [{"Label": "b", "Dice_WT": 0.0, "Note": "y"}, {"Label": "a", "Dice_WT": 0.7, "Note": "x"}],
+            [{"Label": "a", "Dice_WT": 0.3, "Note": "x"}, {"Label": "b", "Dice_WT": 0.5, "Note": "y"},
+             {"Label": "c", "Dice_WT": 0.9, "Note": "z"}]]
+    assert mean_over_runs(runs) == [{"Label": "a", "Dice_WT": pytest.approx(0.5), "Note": "x"},
+                                    {"Label": "b", "Dice_WT": pytest.approx(0.5), "Note": "y"}]

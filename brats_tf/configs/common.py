@@ -69,6 +69,9 @@ def training_loop(iterations, checkpoint_every, val_every):
     train.keep_checkpoints = 2
     train.val_every = val_every             # 0: validate only at the end
     train.strategy = "off"                  # off | mirrored | multi_worker | tpu
+    # mirrored on a CPU host: split its CPU into this many logical devices (one replica each);
+    # tests and benches use it to run the multi-replica code path without accelerators.
+    train.cpu_devices = ml_collections.FieldReference(None, field_type=int)
     train.jit_compile = False               # XLA: 11x slower on CPU here (KERAS3_NOTES)
     return train
 

@@ -54,20 +54,62 @@ class TrainingError(Exception):
     """Training cannot go on (e.g. a non-finite loss); the message says why."""
 
 
-def make_strategy(name):
-    """tf.distribute strategy from its config name."""
+_STRATEGIES = {}   # one per process and name: collectives and TPUs are configured once
+
+
+def make_strategy(name, cpu_devices=None):
+    """tf.distribute strategy from its config name; created before any other TensorFlow op
+    of a trainer (multi-worker collectives must be configured at start-up) and kept for the
+    process (run_experiment trains many models in one). cpu_devices: see the config."""
     if name == "off":
         return tf.distribute.get_strategy()
+    key = (name, cpu_devices)
+    if key not in _STRATEGIES:
+        _STRATEGIES[key] = _new_strategy(name, cpu_devices)
+    return _STRATEGIES[key]
+
+
+def _new_strategy(name, cpu_devices):
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy()
-    if name == "multi_worker":   # cluster from TF_CONFIG
+        devices = _logical_cpus(cpu_devices) if cpu_devices else None
+        return tf.distribute.MirroredStrategy(devices)
+    if name == "multi_worker":   # cluster from TF_CONFIG (python -m brats_tf.launch sets it locally)
         return tf.distribute.MultiWorkerMirroredStrategy()
-    if name == "tpu":
-        resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
-        tf.config.experimental_connect_to_cluster(resolver)
-        tf.tpu.experimental.initialize_tpu_system(resolver)
+    if name == "tpu":   # the TPU from the environment (TPU_NAME, a Cloud TPU VM's local one)
+        try:
+            resolver = tf.distribute.cluster_resolver.TPUClusterResolver()
+            tf.config.experimental_connect_to_cluster(resolver)
+            tf.tpu.experimental.initialize_tpu_system(resolver)
+        except (ValueError, RuntimeError, tf.errors.OpError) as err:
+            raise ConfigError(f"train.strategy=tpu: no TPU found ({short_error(err)}); run on a Cloud TPU VM "
+                              f"or set TPU_NAME") from None
         return tf.distribute.TPUStrategy(resolver)
     raise ConfigError(f"train.strategy={name!r}: use one of {STRATEGIES}")
+
+
+def _logical_cpus(count):
+    """The host CPU split into `count` logical devices (possible only before TensorFlow starts
+    its runtime in this process); their names."""
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    try:
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError:   # the runtime already started: fine if it has the same split
+        pass
+    devices = [d.name for d in tf.config.list_logical_devices("CPU")]
+    if len(devices) != count:
+        raise ConfigError(f"train.cpu_devices={count}: this process already runs TensorFlow on {len(devices)} "
+                          f"CPU device(s); give cpu_devices in a fresh process")
+    return devices
+
+
+def synchronize_batch_norm(model):
+    """Batch statistics over the global batch (all replicas), as one device computes them:
+    set before the first step is traced (Keras reads `synchronized` at call time)."""
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.synchronized = True
+        elif hasattr(layer, "layers"):   # a nested model
+            synchronize_batch_norm(layer)
 
 
 def is_chief(strategy):
@@ -197,6 +239,9 @@ class Trainer:
             raise ConfigError("--config.data.records_dir is required")
         check_ranges(c)
         self.micro_batches()   # a split that does not divide the batch: refused before any work
+        # The strategy first: no TensorFlow op may run before multi-worker collectives exist.
+        self.strategy = make_strategy(c.train.strategy, c.train.get("cpu_devices"))
+        self.chief = is_chief(self.strategy)
         try:
             os.makedirs(self.workdir, exist_ok=True)
         except OSError as err:
@@ -204,8 +249,6 @@ class Trainer:
         keras.utils.set_random_seed(c.seed)
         if c.deterministic:
             tf.config.experimental.enable_op_determinism()
-        self.strategy = make_strategy(c.train.strategy)
-        self.chief = is_chief(self.strategy)
         if self.chief:   # one live run per work dir; held until `run` returns or raises
             self._lock.enter_context(locks.hold(os.path.join(self.workdir, locks.LOCK_FILE), self.workdir))
         # Damaged records are refused before anything is written to the work dir.
@@ -230,6 +273,8 @@ class Trainer:
         self.sampler = self.make_sampler(c.data.batch_size * self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
             self.model = self.build_model()
+            if self.strategy.num_replicas_in_sync > 1:
+                synchronize_batch_norm(self.model)
             self.optimizer = self.make_optimizer()
             self.optimizer.build(self.model.trainable_variables)
         self.schedule = self.make_schedule()
@@ -263,7 +308,7 @@ class Trainer:
         train_step = build_train_step(self.model, self.optimizer, self.strategy, *self.loss_heads(),
                                       jit_compile=c.train.jit_compile, micro_batches=self.micro_batches())
         steps = getattr(self.optimizer, "accumulation_steps", 1)
-        data = self.strategy.experimental_distribute_dataset(self.sampler.dataset(first_batch=batch))
+        data = distribute(self.strategy, lambda: self.sampler.dataset(first_batch=batch))
         progbar = _progbar(c.train.iterations) if self.chief else None
         if progbar and iteration:
             progbar.update(iteration)
@@ -349,6 +394,29 @@ class Trainer:
             export_model(self.model, self.workdir, dict(self.model_spec, iterations=iteration,
                                                         final_validation=final))
         return {"iterations": iteration, "workdir": self.workdir, "validation": final}
+
+
+def distribute(strategy, make_dataset):
+    """The global batches of `make_dataset()` as a distributed dataset: replica r of n gets the
+    r-th of n equal slices of every global batch, on one host or on several, so the replicas
+    together see exactly what one device would (same batch, same order). Each input pipeline
+    (one per worker) builds the global batch and keeps its replicas' slices: the batches are
+    cut in-graph from a window of cases, and every worker reads that window's records."""
+    replicas = strategy.num_replicas_in_sync
+    if replicas == 1:
+        return strategy.experimental_distribute_dataset(make_dataset())
+
+    def pipeline(context):
+        local = replicas // context.num_input_pipelines
+        first = context.input_pipeline_id * local
+
+        def own_slices(*batch):
+            parts = tf.nest.map_structure(
+                lambda t: tf.stack(tf.split(t, replicas, axis=0)[first:first + local]), batch)
+            return tf.data.Dataset.from_tensor_slices(parts)
+        return make_dataset().flat_map(own_slices)
+
+    return strategy.distribute_datasets_from_function(pipeline)
 
 
 def build_train_step(model, optimizer, strategy, names, weights, loss_fn, jit_compile=False, micro_batches=1):
