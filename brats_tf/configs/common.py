@@ -72,6 +72,9 @@ def training_loop(iterations, checkpoint_every, val_every):
     # mirrored on a CPU host: split its CPU into this many logical devices (one replica each);
     # tests and benches use it to run the multi-replica code path without accelerators.
     train.cpu_devices = ml_collections.FieldReference(None, field_type=int)
+    # Batch statistics summed across replicas (E[x^2] - mean^2): None = when there are several
+    # replicas; True also on one device, to compute exactly what a multi-replica run does.
+    train.sync_batch_norm = ml_collections.FieldReference(None, field_type=bool)
     train.jit_compile = False               # XLA: 11x slower on CPU here (KERAS3_NOTES)
     return train
 

@@ -273,7 +273,8 @@ class Trainer:
         self.sampler = self.make_sampler(c.data.batch_size * self.strategy.num_replicas_in_sync)
         with self.strategy.scope():
             self.model = self.build_model()
-            if self.strategy.num_replicas_in_sync > 1:
+            sync = c.train.get("sync_batch_norm")
+            if sync or (sync is None and self.strategy.num_replicas_in_sync > 1):
                 synchronize_batch_norm(self.model)
             self.optimizer = self.make_optimizer()
             self.optimizer.build(self.model.trainable_variables)
