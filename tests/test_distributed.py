@@ -198,3 +198,38 @@ def test_the_train_step_compiles_with_xla_and_matches_the_plain_step(tmp_path, s
 
 if __name__ == "__main__" and sys.argv[1:2] == ["xla"]:
     _xla_steps(*sys.argv[2:5])
+
+
+# --- kill -9 a worker: the launcher stops the other, the same command resumes -----------------------
+
+@pytest.mark.slow
+def test_a_killed_worker_stops_the_launch_and_the_rerun_resumes_to_the_same_weights(equality_records, tmp_path):
+    import os
+    import signal
+    flags = STAGES["3d"] + [f"--config.data.records_dir={equality_records}", "--config.train.iterations=8",
+                            "--config.optim.accumulation_steps=2", "--config.train.val_every=0",
+                            "--config.train.checkpoint_every=1", "--config.deterministic=True"]
+    command = lambda workdir: [
+        sys.executable, "-m", "brats_tf.launch", "--workers=2", "--threads_per_worker=1", "--grace_s=5", "--",
+        sys.executable, "-m", "brats_tf.train", *flags, f"--workdir={workdir}",
+        f"--config.data.batch_size={GLOBAL_BATCH // 2}", "--config.train.strategy=multi_worker"]
+    reference = tmp_path / "uninterrupted"
+    result = subprocess.run(command(reference), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    workdir = tmp_path / "interrupted"
+    launch = subprocess.Popen(command(workdir), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not list((workdir / "checkpoints").glob("ckpt-00000003")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert launch.poll() is None, "the run ended before a worker could be killed"
+    workers = subprocess.run(["pgrep", "-P", str(launch.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[-1]), signal.SIGKILL)          # worker 1, mid-run
+    _, stderr = launch.communicate(timeout=120)
+    assert launch.returncode == 128 + signal.SIGKILL and "launch: worker 1 exited" in stderr
+    assert not (workdir / "model.keras").exists()
+    again = subprocess.run(command(workdir), cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+    (trained, _), (resumed, _) = _weights(reference), _weights(workdir)
+    assert _largest_difference(trained, resumed) <= 1e-5
+    np.testing.assert_allclose(_losses(workdir), _losses(reference), atol=1e-5)
