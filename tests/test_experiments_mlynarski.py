@@ -80,7 +80,7 @@ def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
     assert two.optim.learning_rate == 0.1 and three.model.input_size == 54 and three.train.iterations == 45
     assert (three.model.kind, three.features.dir, three.features.kind) == ("B", "F", "model1")
     assert three.features.models == "m/axial,m/coronal,m/sagittal"
-    assert (sub.train.iterations, sub.train.subnetwork, sub.model.kind) == (40, "t2", "model1")
+    assert (sub.train.iterations, sub.train.subnetwork, sub.model.kind) == (200, "t2", "model1")
     # --config.x overrides (the scale's config) reach every model; the run's own fields stay its own.
     config = get_config("demo")
     config.twod.train.iterations, config.twod.model.kind, config.threed.model.input_size = 30, "unet_axial", 70
