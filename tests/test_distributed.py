@@ -6,6 +6,7 @@ import contextlib
 import csv
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -204,8 +205,6 @@ if __name__ == "__main__" and sys.argv[1:2] == ["xla"]:
 
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_launch_and_the_rerun_resumes_to_the_same_weights(equality_records, tmp_path):
-    import os
-    import signal
     flags = STAGES["3d"] + [f"--config.data.records_dir={equality_records}", "--config.train.iterations=8",
                             "--config.optim.accumulation_steps=2", "--config.train.val_every=0",
                             "--config.train.checkpoint_every=1", "--config.deterministic=True"]
