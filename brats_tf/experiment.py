@@ -60,7 +60,9 @@ flags.DEFINE_multi_string("config_3d", [], "Old spelling of --config.threed.KEY=
 def main(argv):
     del argv
     FLAGS.config = experiment_configs.from_flags(FLAGS["config"], FLAGS["scale"])
-    from brats_tf.training.loop import TrainingError   # TensorFlow only once an experiment runs
+    from brats_tf.training.loop import TrainingError, make_deterministic   # TensorFlow only once an experiment runs
+    if FLAGS.config.twod.deterministic or FLAGS.config.threed.deterministic:
+        make_deterministic()   # before any TensorFlow op of the process (data, records): it fixes the threads
     if FLAGS.workdir is None:
         FLAGS.workdir = os.path.join("runs", FLAGS.experiment)
     workdir = os.path.abspath(FLAGS.workdir)
