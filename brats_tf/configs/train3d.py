@@ -4,8 +4,9 @@
         --config.data.records_dir=R --config.model.kind=A \
         --config.features.dir=F [--config.features.kind=model1] --workdir=W
 
-Presets (each also as `<preset>_dropout`, with sequence dropout): `paper` (METHOD §3-§5: 70³ patches, receptive field 45³, target weights
-0.4/0.2/0.2/0.2, N=5, schedule 0.25/0.001/200/0.98) and `small` (the same code at
+Presets (each also as `<preset>_dropout`, with sequence dropout): `paper` (METHOD §3-§5:
+70³ patches, receptive field 45³, target weights 0.4/0.2/0.2/0.2, N=5, schedule
+0.25/0.001/200/0.98) and `small` (the same code at
 CPU-demo scale: narrow filters, a shorter plateau period F, fewer iterations). The
 receptive field is 45³ in both (fixed by the architecture); the patch side only sets how
 many output voxels one patch trains (input - 44).
