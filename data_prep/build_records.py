@@ -1,6 +1,12 @@
 """Writes a dataset's cases, normalized and brain-cropped, to TFRecords plus a manifest.
 
     python -m data_prep.build_records --data_dir D --out_dir R [--layout ...] [--normalization median|zscore|none]
+        [--beam_pipeline_options="direct_running_mode=multi_processing,direct_num_workers=2"]
+
+With --beam_pipeline_options the cases are prepared by an Apache Beam pipeline (TFDS's Beam
+support; `pip install -r requirements-beam.txt`); the records equal the in-process build's.
+Other runners take their own options, e.g. "runner=DataflowRunner,project=P,region=R,
+temp_location=gs://B/tmp" (README "Building records with Apache Beam").
 """
 
 from absl import app, flags
@@ -25,13 +31,17 @@ flags.DEFINE_integer("crop_margin", preprocess.DEFAULT_CROP_MARGIN, "Voxels kept
 flags.DEFINE_list("modalities", None, f"Modalities to store, from {MODALITIES} (default: all found).")
 flags.DEFINE_bool("allow_missing_modalities", False, "Store a missing modality as an absent (zero) channel.")
 flags.DEFINE_bool("overwrite", False, "Replace an existing record set in --out_dir.")
+flags.DEFINE_string("beam_pipeline_options", None,
+                    "Build with Apache Beam: comma-separated Beam pipeline options, key=value "
+                    "(e.g. direct_running_mode=multi_processing,direct_num_workers=2).")
 
 
 def main(argv):
     del argv
     manifest = build_records(FLAGS.data_dir, FLAGS.out_dir, FLAGS.layout, FLAGS.layout_file,
                              FLAGS.normalization, FLAGS.modalities, FLAGS.median_scale, FLAGS.crop_margin,
-                             FLAGS.allow_missing_modalities, FLAGS.overwrite)
+                             FLAGS.allow_missing_modalities, FLAGS.overwrite,
+                             beam_options=FLAGS.beam_pipeline_options)
     print(f"wrote {manifest['num_cases']} cases ({', '.join(manifest['modalities'])}, "
           f"{manifest['normalization']} normalization) to {FLAGS.out_dir}")
 

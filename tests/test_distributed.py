@@ -75,19 +75,24 @@ def _records(tmp_path, normalization="median"):
 # model with batch normalization amplify rounding (two single-device runs differing only in how
 # the batch variance is summed differ by 0.018 after 3 iterations; BUILD_NOTES); 3D at its default.
 # One device sums the batch statistics as the replicas do (train.sync_batch_norm): the same formula.
+# The baseline ([S]'s BCN) trains with Adam, which has no N-batch accumulation.
 STAGES = {
     "2d": ["--config=brats_tf/configs/train2d.py:small", "--config.model.kind=model1",
-           "--config.optim.learning_rate=0.001", "--config.train.sync_batch_norm=True"],
+           "--config.optim.learning_rate=0.001", "--config.train.sync_batch_norm=True",
+           "--config.optim.accumulation_steps=2"],
     "3d": ["--config=brats_tf/configs/train3d.py:small", "--config.model.kind=standard",
-           "--config.model.levels=(4,4,4)", "--config.model.final=4", "--config.model.input_size=46"],
+           "--config.model.levels=(4,4,4)", "--config.model.final=4", "--config.model.input_size=46",
+           "--config.optim.accumulation_steps=2"],
+    "baseline": ["--config=brats_tf/configs/baselines.py:bcn_demo"],
 }
 GLOBAL_BATCH = 4
 
 
 def _train(records, workdir, stage, replicas, how):
-    """3 iterations (N = 2) with a global batch of 4, on `replicas` replicas."""
+    """3 iterations (N = 2 where the optimizer accumulates) with a global batch of 4, on
+    `replicas` replicas."""
     flags = STAGES[stage] + [f"--config.data.records_dir={records}", f"--workdir={workdir}",
-                             "--config.train.iterations=3", "--config.optim.accumulation_steps=2",
+                             "--config.train.iterations=3",
                              f"--config.data.batch_size={GLOBAL_BATCH // replicas}", "--config.train.val_every=0",
                              "--config.train.checkpoint_every=1", "--config.deterministic=True"]
     if how == "mirrored":
@@ -121,12 +126,19 @@ def equality_records(tmp_path_factory):
     return _records(tmp_path_factory.mktemp("equality"))
 
 
+@pytest.fixture(scope="module")
+def zscored_records(tmp_path_factory):   # [S] baselines train on z-scored records
+    return _records(tmp_path_factory.mktemp("equality_zscore"), "zscore")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", ["2d", "3d"])
-def test_one_device_mirrored_and_two_workers_train_the_same_weights(equality_records, tmp_path, stage):
-    one = _train(equality_records, tmp_path / "one", stage, 1, "off")
-    runs = {"mirrored": _train(equality_records, tmp_path / "mirrored", stage, 2, "mirrored"),
-            "workers": _train(equality_records, tmp_path / "workers", stage, 2, "workers")}
+@pytest.mark.parametrize("stage", ["2d", "3d", "baseline"])
+def test_one_device_mirrored_and_two_workers_train_the_same_weights(equality_records, zscored_records, tmp_path,
+                                                                     stage):
+    records = zscored_records if stage == "baseline" else equality_records
+    one = _train(records, tmp_path / "one", stage, 1, "off")
+    runs = {"mirrored": _train(records, tmp_path / "mirrored", stage, 2, "mirrored"),
+            "workers": _train(records, tmp_path / "workers", stage, 2, "workers")}
     trained, statistics = _weights(one)
     assert len(_losses(one)) == 3
     for how, workdir in runs.items():
@@ -206,7 +218,7 @@ if __name__ == "__main__" and sys.argv[1:2] == ["xla"]:
 @pytest.mark.slow
 def test_a_killed_worker_stops_the_launch_and_the_rerun_resumes_to_the_same_weights(equality_records, tmp_path):
     flags = STAGES["3d"] + [f"--config.data.records_dir={equality_records}", "--config.train.iterations=8",
-                            "--config.optim.accumulation_steps=2", "--config.train.val_every=0",
+                            "--config.train.val_every=0",
                             "--config.train.checkpoint_every=1", "--config.deterministic=True"]
     command = lambda workdir: [
         sys.executable, "-m", "brats_tf.launch", "--workers=2", "--threads_per_worker=1", "--grace_s=5", "--",

@@ -50,3 +50,15 @@ def test_a_forbidden_import_breaks_a_contract(tmp_path, module, bad_import, cont
     # The summary names each contract, then KEPT or BROKEN (long names wrap: whitespace folded).
     text = " ".join(result.stdout.split())
     assert re.search(re.escape(contract) + r"(?:(?! KEPT| BROKEN).)*? BROKEN", text), result.stdout[-3000:]
+
+
+def test_evaluating_local_files_never_loads_tensorflow(tmp_path):
+    """The one ignored import of the evaluation contract: io.files loads TensorFlow only for a URL."""
+    script = ("import sys; from brats_tf.evaluation import evaluate; from brats_tf.io import files; "
+              f"files.write_json({str(tmp_path / 'x.json')!r}, {{'a': 1}}); "
+              f"assert files.read_json({str(tmp_path / 'x.json')!r}) == {{'a': 1}}; "
+              f"assert files.listdir({str(tmp_path)!r}) == ['x.json']; "
+              "print('tensorflow' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "False"

@@ -22,6 +22,7 @@ import numpy as np
 from brats_tf.constants import ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError, short_error
 from brats_tf.inference import predict
+from brats_tf.io import files as fs
 from brats_tf.io import splits
 from brats_tf.constants import SLICE_AXIS
 from brats_tf.records.slices import padded_size
@@ -35,7 +36,7 @@ def model_file(path):
 
 def file_sha256(path):
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()

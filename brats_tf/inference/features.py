@@ -38,6 +38,7 @@ from brats_tf.inference.exported import (describe_model, file_sha256, load_netwo
 from brats_tf.constants import CLASS_NAMES, ORIENTATIONS
 from brats_tf.errors import ConfigError, DataError, file_system_words, short_error
 from brats_tf.io.manifest import read_manifest
+from brats_tf.io import files as fs
 from brats_tf.io import locks, splits
 from brats_tf.io.files import atomic_write, remove_temporaries, write_json
 from brats_tf.records import reader, schema
@@ -138,7 +139,7 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
             raise ConfigError(f"{fold.descriptions['axial']['path']}: fold models need their work dir's split.json")
     manifest = {
         "format_version": FORMAT_VERSION, "dtype": np.dtype(FEATURE_DTYPE).name,
-        "records_dir": os.path.abspath(records_dir), "channels": channel_names(),
+        "records_dir": fs.absolute(records_dir), "channels": channel_names(),
         "kind": _common_kind(main), "modalities": main.modalities,
         "preprocessing": {k: records_manifest[k] for k in PREPROCESSING_KEYS},
         "models": main.descriptions,
@@ -146,7 +147,7 @@ def extract_features(records_dir, out_dir, model_paths, fold_models=None, batch_
         "cases": {}, "complete": False,
     }
     # One live extraction per folder (io/locks.py; the folder is created for its lock file).
-    with locks.hold(os.path.join(out_dir, locks.LOCK_FILE), os.path.abspath(out_dir)):
+    with locks.hold(os.path.join(out_dir, locks.LOCK_FILE), fs.absolute(out_dir)):
         remove_temporaries(out_dir)   # a killed run's half-written file
         manifest["cases"] = _resume_or_start(out_dir, manifest, overwrite)
         case_ids = [c["case_id"] for c in records_manifest["cases"]]
@@ -185,9 +186,9 @@ def _write_feature_record(path, case_id, features):
 
 
 def _read_bytes(path):
-    if not os.path.isfile(path):
+    if not fs.isfile(path):
         return None
-    with open(path, "rb") as f:
+    with fs.open_file(path, "rb") as f:
         return f.read()
 
 
@@ -196,15 +197,15 @@ def _undo(out_dir, added, manifest_bytes):
     folder is as the run found it (an earlier run's features, or nothing). A killed run keeps
     its cases instead: a re-run continues it."""
     for name in added:
-        os.remove(os.path.join(out_dir, name))
+        fs.remove(os.path.join(out_dir, name))
     path = os.path.join(out_dir, MANIFEST)
     if manifest_bytes is None:
-        if os.path.exists(path):
-            os.remove(path)
+        if fs.exists(path):
+            fs.remove(path)
         return
 
     def write(tmp):
-        with open(tmp, "wb") as f:
+        with fs.open_file(tmp, "wb") as f:
             f.write(manifest_bytes)
     atomic_write(path, write)
 
@@ -238,23 +239,23 @@ def _source_for(case_id, main_trained, folds):
 def _resume_or_start(out_dir, manifest, overwrite):
     """Cases already extracted by an interrupted run with the same models; {} otherwise."""
     path = os.path.join(out_dir, MANIFEST)
-    if not os.path.exists(path):
-        if os.path.isdir(out_dir) and set(os.listdir(out_dir)) - {locks.LOCK_FILE} and not overwrite:
+    if not fs.exists(path):
+        if fs.isdir(out_dir) and set(fs.listdir(out_dir)) - {locks.LOCK_FILE} and not overwrite:
             raise ConfigError(f"{out_dir}: exists and is not a feature folder; choose another --out_dir")
         return {}
-    with open(path) as f:
+    with fs.open_file(path) as f:
         old = json.load(f)
     same = {k: v for k, v in old.items() if k not in ("cases", "complete")} == \
            {k: v for k, v in manifest.items() if k not in ("cases", "complete")}
     if same:
-        return {i: c for i, c in old["cases"].items() if os.path.isfile(os.path.join(out_dir, c["file"]))}
+        return {i: c for i, c in old["cases"].items() if fs.isfile(os.path.join(out_dir, c["file"]))}
     if not overwrite:
         raise ConfigError(f"{out_dir}: holds features from other models or records; pass --overwrite "
                           f"or choose another --out_dir")
     for case in old.get("cases", {}).values():   # only our own files
         file = os.path.join(out_dir, case["file"])
-        if os.path.isfile(file):
-            os.remove(file)
+        if fs.isfile(file):
+            fs.remove(file)
     return {}
 
 
@@ -336,7 +337,7 @@ def write_fold_splits(main_model_dir, fold_root, num_folds, seed=0):
         raise DataError(os.path.join(main_dir, splits.SPLIT_FILE), "no split.json: pass the main 2D model's work dir")
     folds = []
     for k, train in enumerate(splits.fold_train_cases(main_split["train"], num_folds, seed)):
-        folder = os.path.join(os.path.abspath(fold_root), f"fold{k}")
+        folder = os.path.join(fs.absolute(fold_root), f"fold{k}")
         for orientation in ORIENTATIONS:
             splits.write_split(os.path.join(folder, orientation), {"train": train, "val": sorted(main_split["val"])})
         folds.append(folder)

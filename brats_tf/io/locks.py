@@ -13,7 +13,8 @@ Limits: taking over the *same* stale lock at the same instant from two processes
 both go on (the window is between one's check of the file and the other's replace); a
 fresh lock is created with O_EXCL and has no such window. A dead holder's pid reused by an
 unrelated process makes its lock look live: the message names the command, and deleting
-the file by hand frees the folder.
+the file by hand frees the folder. A folder given as a URL (gs://, ram://) is not locked:
+object stores have no exclusive create, and a multi-host job's chief is its only writer.
 """
 
 import contextlib
@@ -27,7 +28,7 @@ import time
 from absl import logging
 
 from brats_tf.errors import ConfigError
-from brats_tf.io.files import write_text
+from brats_tf.io.files import is_url, write_text
 
 LOCK_FILE = ".brats_tf.lock"   # the lock inside a work dir or output folder
 WRITE_GRACE_S = 2.0   # an unreadable lock younger than this may be a holder still writing it
@@ -41,6 +42,9 @@ def hold(path, what):
     """Holds the lock file `path` (its folder is created) while the block runs; `what`
     (the folder it guards) names it in the refusal. Raises ConfigError when another live
     process holds it. The file is removed at the end if it is still ours."""
+    if is_url(path):
+        yield
+        return
     path = os.path.realpath(path)
     if path in _held:   # re-entrant: the outer `hold` of this process releases it
         yield

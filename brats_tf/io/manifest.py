@@ -1,18 +1,20 @@
 """Reading the JSON manifests that describe record sets and feature sets."""
 
 import json
-import os
 
 from brats_tf.errors import DataError
+from brats_tf.io import files as fs
 
 
 def read_manifest(folder, name, what, how_to_make, version_key, version):
     """The manifest `folder/name` as a dict; DataError (naming the file) when it is missing,
     not JSON, or of another format version. `how_to_make` completes "no <what> manifest
     here; ..."."""
-    path = os.path.join(folder, name)
+    path = fs.join(folder, name)
     try:
-        with open(path) as f:
+        if not fs.isfile(path):   # a URL's GFile raises only when read
+            raise FileNotFoundError(path)
+        with fs.open_file(path) as f:
             manifest = json.load(f)
     except FileNotFoundError:
         raise DataError(path, f"no {what} manifest here; {how_to_make}") from None

@@ -3,11 +3,10 @@
 and tests on the same cases. The trainers, the experiments and cross-fold feature
 extraction all read and write splits through here."""
 
-import os
-
 import numpy as np
 
 from brats_tf.errors import ConfigError
+from brats_tf.io import files as fs
 from brats_tf.io.files import read_json, write_json
 
 SPLIT_FILE = "split.json"
@@ -20,18 +19,18 @@ def seeded_order(ids, seed):
 
 def read_split(folder):
     """The split saved in `folder` (a work dir), or None when there is none."""
-    path = os.path.join(folder, SPLIT_FILE)
-    return read_json(path) if os.path.isfile(path) else None
+    path = fs.join(folder, SPLIT_FILE)
+    return read_json(path) if fs.isfile(path) else None
 
 
 def write_split(folder, split):
-    write_json(os.path.join(folder, SPLIT_FILE), split)
+    write_json(fs.join(folder, SPLIT_FILE), split)
 
 
 def load_or_make(path, make, known_ids=None):
     """The split saved at `path`, else `make()` saved there. With `known_ids`, a saved split
     naming other cases is refused (the data changed under the work dir)."""
-    if os.path.exists(path):
+    if fs.exists(path):
         split = read_json(path)
         unknown = sorted(set(_ids_in(split)) - set(known_ids)) if known_ids is not None else []
         if unknown:

@@ -6,6 +6,7 @@ unreadable or disagrees with the schema, and records that fail their CRC or deco
 cases read must be the manifest's, so a lost or renamed case is an error too.
 """
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 from google.protobuf import json_format, message
+from tensorflow_datasets.core.proto import dataset_info_pb2
 
 from brats_tf.constants import MODALITIES, NUM_CLASSES
 from brats_tf.errors import DataError, short_error
@@ -58,19 +60,23 @@ def case_dataset(records_dir, case_ids=None):
             raise DataError(records_dir, f"cases not in the record set: {unknown[:5]}")
     folder = os.path.join(records_dir, manifest["records"])
     try:
-        builder = tfds.builder_from_directory(folder)
-        features = builder.info.features
+        features = _recorded_features(folder)
         expected = schema.case_features(len(manifest["modalities"]))
-        if features is None or features.get_tensor_info() != expected.get_tensor_info() \
+        if features.get_tensor_info() != expected.get_tensor_info() \
                 or features.get_serialized_info() != expected.get_serialized_info():
             raise DataError(os.path.join(folder, "features.json"), "TFDS features do not match the record schema")
-        num = builder.info.splits[schema.SPLIT].num_examples
+        num = _recorded_num_examples(folder)
         if num != len(known):
             raise DataError(os.path.join(folder, "dataset_info.json"),
                             f"TFDS metadata lists {num} cases, the manifest {len(known)}")
-        ds = builder.as_dataset(split=schema.SPLIT, shuffle_files=False)
     except _OPEN_ERRORS as err:
         raise DataError(folder, f"unreadable TFDS record set ({short_error(err)})") from None
+    # The wanted cases' shards in file order, as TFDS reads them with shuffle_files=False; read
+    # with tf.data (tf.io.gfile), not TFDS's builder, whose paths know gs:// but not every file
+    # system TensorFlow does (ram://, hdfs://).
+    chosen = set(known if case_ids is None else case_ids)
+    shards = sorted({os.path.join(folder, c["record_file"]) for c in manifest["cases"] if c["case_id"] in chosen})
+    ds = tf.data.TFRecordDataset(shards).map(features.deserialize_example)
     if case_ids is not None:
         wanted = tf.constant(sorted(set(case_ids)), dtype=tf.string)   # typed: [] is float otherwise
         ds = ds.filter(lambda ex: tf.reduce_any(tf.equal(ex["case_id"], wanted)))
@@ -109,6 +115,19 @@ def read_cases(records_dir, case_ids=None):
         raise DataError(os.path.join(records_dir, manifest["records"]),
                         f"records give {len(seen)} cases for the {len(wanted)} asked for "
                         f"(missing: {missing[:5]}, repeated: {repeated[:5]}; TFDS metadata damaged?)")
+
+
+def _recorded_features(folder):
+    """The FeaturesDict TFDS recorded (features.json)."""
+    with tf.io.gfile.GFile(os.path.join(folder, "features.json"), "r") as f:
+        return tfds.features.FeatureConnector.from_json(json.loads(f.read()))
+
+
+def _recorded_num_examples(folder):
+    """The number of examples TFDS recorded for the split (dataset_info.json)."""
+    with tf.io.gfile.GFile(os.path.join(folder, "dataset_info.json"), "r") as f:
+        info = json_format.Parse(f.read(), dataset_info_pb2.DatasetInfo())
+    return sum(int(n) for split in info.splits if split.name == schema.SPLIT for n in split.shard_lengths)
 
 
 def case_from_example(ex, modalities):
@@ -203,7 +222,7 @@ def _bad_shard(records_dir, manifest):
     """The record file that fails to read (TF's error does not say which); on the error path
     only, so reading every shard again is affordable. The folder when no single one fails."""
     folder = os.path.join(records_dir, manifest["records"])
-    for name in sorted(os.listdir(folder)):
+    for name in sorted(tf.io.gfile.listdir(folder)):
         if ".tfrecord" in name:
             try:
                 for _ in tf.data.TFRecordDataset(os.path.join(folder, name)):

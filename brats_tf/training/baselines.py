@@ -12,7 +12,6 @@ model trained without dropout/BN initializes one with them ("fine-tuned"); the a
 layers are set to start as the identity on the new training data (`identity_batch_norm`).
 """
 
-import os
 
 import keras
 import numpy as np
@@ -21,6 +20,7 @@ from brats_tf.inference import baselines as baselines_inference
 from brats_tf.training import losses
 from brats_tf.evaluation import metrics
 from brats_tf.errors import ConfigError
+from brats_tf.io import files as fs
 from brats_tf.models.baselines import BaselineSpec, build_baseline, copy_matching_weights, identity_batch_norm
 from brats_tf.records import streams
 from brats_tf.training.schedules import ConstantRate
@@ -81,8 +81,8 @@ class BaselineTrainer(Trainer):
         model = build_baseline(self.spec)
         source = self.config.train.init_from
         if source:   # a resumed run then overwrites these with its checkpoint, as it should
-            path = os.path.join(source, "model.keras") if os.path.isdir(source) else source
-            if not os.path.isfile(path):
+            path = fs.join(source, "model.keras") if fs.isdir(source) else source
+            if not fs.isfile(path):
                 raise ConfigError(f"train.init_from={source!r}: no model.keras there")
             copied = copy_matching_weights(keras.models.load_model(path, compile=False), model)
             added = [layer.name for layer in model.layers

@@ -12,7 +12,8 @@ Each file is an npz built in memory and written with plain Python writes, and st
 records their sha256: a full disk is one DataError (HDF5, which `save_weights` writes, left
 objects on a failing file whose cleanup printed tracebacks and crashed the interpreter at
 exit), and a file damaged since is refused at resume instead of loading other weights.
-Checkpoints written before (`model.weights.h5`, no hashes) still load.
+Checkpoints written before (`model.weights.h5`, no hashes) still load. The folder may be a
+URL (gs://, ram://): files go through `io.files`, hence tf.io.gfile.
 """
 
 import hashlib
@@ -20,11 +21,12 @@ import io
 import json
 import os
 import re
-import shutil
 
 import numpy as np
+import tensorflow as tf
 
 from brats_tf.errors import DataError, short_error
+from brats_tf.io import files as fs
 
 _NAME = re.compile(r"^ckpt-(\d{8})$")
 
@@ -36,12 +38,12 @@ class CheckpointStore:
 
     def complete(self):
         """Iterations of complete checkpoints, oldest first."""
-        if not os.path.isdir(self.directory):
+        if not fs.isdir(self.directory):
             return []
         found = []
-        for name in os.listdir(self.directory):
+        for name in fs.listdir(self.directory):
             match = _NAME.match(name)
-            if match and os.path.isfile(os.path.join(self.directory, name, "state.json")):
+            if match and fs.isfile(fs.join(self.directory, name, "state.json")):
                 found.append(int(match.group(1)))
         return sorted(found)
 
@@ -53,26 +55,26 @@ class CheckpointStore:
         """Saves a checkpoint; with write=False (non-chief workers) only syncs nothing to disk."""
         if not write:
             return None
-        final = os.path.join(self.directory, f"ckpt-{iteration:08d}")
-        tmp = os.path.join(self.directory, f".tmp-ckpt-{iteration:08d}-{os.getpid()}")
+        final = fs.join(self.directory, f"ckpt-{iteration:08d}")
+        tmp = fs.join(self.directory, f".tmp-ckpt-{iteration:08d}-{os.getpid()}")
         files = {"model_weights.npz": _npz_bytes(model.weights),
                  "rng.npz": _npz_bytes(_rng_states(model)),
                  "optimizer.npz": _npz_bytes(optimizer.variables)}
         state = dict(state, iteration=iteration, files={n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
         files["state.json"] = json.dumps(state, indent=1).encode()   # last: it marks the checkpoint complete
         try:
-            os.makedirs(self.directory, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
+            fs.makedirs(self.directory)
+            fs.remove_tree(tmp)
+            fs.makedirs(tmp)
             for name, data in files.items():
-                with open(os.path.join(tmp, name), "wb") as f:
+                with fs.open_file(fs.join(tmp, name), "wb") as f:
                     f.write(data)
-        except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise DataError(final, f"cannot write the checkpoint ({err.strerror or err})") from None
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        except (OSError, tf.errors.OpError) as err:
+            fs.remove_tree(tmp)
+            words = getattr(err, "strerror", None) or short_error(err)
+            raise DataError(final, f"cannot write the checkpoint ({words})") from None
+        fs.remove_tree(final)
+        fs.rename(tmp, final)
         self._prune()
         return final
 
@@ -81,7 +83,7 @@ class CheckpointStore:
         iteration = self.latest() if iteration is None else iteration
         if iteration is None:
             return None
-        folder = os.path.join(self.directory, f"ckpt-{iteration:08d}")
+        folder = fs.join(self.directory, f"ckpt-{iteration:08d}")
         state = _read_state(folder)
         try:
             return self._load(folder, state, model, optimizer)
@@ -91,21 +93,21 @@ class CheckpointStore:
             raise DataError(folder, f"cannot read the checkpoint ({short_error(err)}); {_RESUME_HINT}") from None
 
     def _load(self, folder, state, model, optimizer):
-        if os.path.exists(os.path.join(folder, "model.weights.h5")):   # checkpoints written before model_weights.npz
-            model.load_weights(os.path.join(folder, "model.weights.h5"))
+        if fs.exists(fs.join(folder, "model.weights.h5")):   # checkpoints written before model_weights.npz
+            model.load_weights(fs.join(folder, "model.weights.h5"))
         else:
             _assign_saved(folder, "model_weights.npz", model.weights, "model weights")
         _assign_saved(folder, "optimizer.npz", optimizer.variables, "optimizer variables")
-        if os.path.exists(os.path.join(folder, "rng.npz")):   # absent in checkpoints written before it was added
+        if fs.exists(fs.join(folder, "rng.npz")):   # absent in checkpoints written before it was added
             _assign_saved(folder, "rng.npz", _rng_states(model), "random-generator states")
         return state
 
     def _prune(self):
         for iteration in self.complete()[:-self.keep]:
-            shutil.rmtree(os.path.join(self.directory, f"ckpt-{iteration:08d}"), ignore_errors=True)
-        for name in os.listdir(self.directory):   # leftovers of killed saves
+            fs.remove_tree(fs.join(self.directory, f"ckpt-{iteration:08d}"))
+        for name in fs.listdir(self.directory):   # leftovers of killed saves
             if name.startswith(".tmp-ckpt-") and not name.endswith(f"-{os.getpid()}"):
-                shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+                fs.remove_tree(fs.join(self.directory, name))
 
 
 _RESUME_HINT = "delete that checkpoint folder to resume from the one before it"
@@ -114,19 +116,19 @@ _RESUME_HINT = "delete that checkpoint folder to resume from the one before it"
 def _read_state(folder):
     """state.json of a checkpoint, after checking the sha256 it records of each other file
     (checkpoints written before it recorded them are read as they are)."""
-    path = os.path.join(folder, "state.json")
+    path = fs.join(folder, "state.json")
     try:
-        with open(path, "rb") as f:
+        with fs.open_file(path, "rb") as f:
             state = json.loads(f.read().decode())
     except (ValueError, UnicodeDecodeError) as err:   # json.JSONDecodeError is a ValueError
         raise DataError(path, f"not valid JSON ({short_error(err)}); {_RESUME_HINT}") from None
     if not isinstance(state, dict):
         raise DataError(path, f"not a JSON object; {_RESUME_HINT}")
     for name, recorded in (state.get("files") or {}).items():
-        file = os.path.join(folder, name)
-        if not os.path.isfile(file):
+        file = fs.join(folder, name)
+        if not fs.isfile(file):
             raise DataError(file, f"missing from the checkpoint; {_RESUME_HINT}")
-        with open(file, "rb") as f:
+        with fs.open_file(file, "rb") as f:
             actual = hashlib.sha256(f.read()).hexdigest()
         if actual != recorded:
             raise DataError(file, f"modified since it was written (sha256 {actual[:12]}..., state.json records "
@@ -136,7 +138,9 @@ def _read_state(folder):
 
 def _assign_saved(folder, name, variables, what):
     """Assigns the arrays of `folder/name` (an npz of v0000, v0001, ...) to `variables`, in order."""
-    with np.load(os.path.join(folder, name), allow_pickle=False) as saved:
+    with fs.open_file(fs.join(folder, name), "rb") as f:
+        data = io.BytesIO(f.read())
+    with np.load(data, allow_pickle=False) as saved:
         keys = sorted(saved.files)
         if len(keys) != len(variables):
             raise ValueError(f"{folder}: the model has {len(variables)} {what}, the checkpoint {len(keys)}")

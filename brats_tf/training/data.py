@@ -1,12 +1,12 @@
 """What a trainer trains on: the seeded case split and cases read from records."""
 
-import os
 
 import numpy as np
 
 from brats_tf.errors import ConfigError
 from brats_tf.io import splits
 from brats_tf.records import reader
+from brats_tf.io import files as fs
 
 
 def case_split(workdir, manifest, config):
@@ -14,7 +14,7 @@ def case_split(workdir, manifest, config):
 
     The split is written to `<workdir>/split.json` once and reused on every re-run.
     """
-    return splits.load_or_make(os.path.join(workdir, splits.SPLIT_FILE), lambda: _make_split(manifest, config))
+    return splits.load_or_make(fs.join(workdir, splits.SPLIT_FILE), lambda: _make_split(manifest, config))
 
 
 def _make_split(manifest, config):

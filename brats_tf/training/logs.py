@@ -8,12 +8,12 @@ models of an experiment)."""
 
 import csv
 import json
-import os
 
 import numpy as np
 import tensorflow as tf
 from tensorboard.plugins.hparams import api as hparams_api
 
+from brats_tf.io import files as fs
 from brats_tf.io.files import atomic_write
 
 OVERLAY_TAG = "validation/overlay"
@@ -66,12 +66,12 @@ class TrainLog:
 
     def __init__(self, workdir, resume_iteration, enabled=True):
         self.enabled = enabled
-        self.path = os.path.join(workdir, "train_log.csv")
+        self.path = fs.join(workdir, "train_log.csv")
         self.rows = []
-        if enabled and os.path.exists(self.path):
-            with open(self.path, newline="") as f:
+        if enabled and fs.exists(self.path):
+            with fs.open_file(self.path) as f:
                 self.rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= resume_iteration]
-        self.writer = tf.summary.create_file_writer(os.path.join(workdir, "tensorboard")) if enabled else None
+        self.writer = tf.summary.create_file_writer(fs.join(workdir, "tensorboard")) if enabled else None
         self.image_step = None   # the last step with an image: the final one is not written twice
 
     def write(self, row):

@@ -22,7 +22,6 @@ their 2D models by the sha256 of `model.keras`.
 import contextlib
 import json
 import math
-import os
 import signal
 import sys
 
@@ -38,6 +37,7 @@ from brats_tf.constants import CLASS_NAMES, NUM_CLASSES, SLICE_AXIS
 from brats_tf.errors import ConfigError, DataError, short_error
 from brats_tf.inference.exported import file_sha256
 from brats_tf.inference.features import PREPROCESSING_KEYS   # how inference must prepare a case
+from brats_tf.io import files as fs
 from brats_tf.io import locks
 from brats_tf.io.files import atomic_write, read_json, write_json
 from brats_tf.training.optim import NormalizedMomentum
@@ -144,9 +144,9 @@ RESUMABLE_CHANGES = ("iterations", "micro_batches")
 def record_config(workdir, config):
     """Writes the resolved config before step 0; a resumed run must use the same config
     (only the number of iterations may grow)."""
-    path = os.path.join(workdir, "config.json")
+    path = fs.join(workdir, "config.json")
     current = json.loads(config.to_json_best_effort())
-    if os.path.exists(path):
+    if fs.exists(path):
         previous = read_json(path)
         # More iterations, or another split into micro-batches (the same updates), may resume;
         # so may a work dir started before a field was added, if the field is off (None).
@@ -174,8 +174,8 @@ def completed_export(workdir, iterations):
     Complete: `model.keras` and `model_info.json` are both there and the model file is the
     one the info was written for (its `model_sha256`; exports from before that field are
     trusted by their write order: model.keras first, then the info, each atomically)."""
-    model_path, info_path = (os.path.join(workdir, name) for name in ("model.keras", "model_info.json"))
-    if not (os.path.isfile(model_path) and os.path.isfile(info_path)):
+    model_path, info_path = (fs.join(workdir, name) for name in ("model.keras", "model_info.json"))
+    if not (fs.isfile(model_path) and fs.isfile(info_path)):
         return None
     try:
         info = read_json(info_path)
@@ -194,7 +194,7 @@ class Trainer:
     stage = None   # the `config.stage` a subclass trains (see training/registry.py)
 
     def __init__(self, config, workdir):
-        self.config, self.workdir = config, os.path.abspath(workdir)
+        self.config, self.workdir = config, fs.absolute(workdir)
         self.chief = True
         self._overlay_labels = None   # the first validation case's last prediction (TensorBoard image)
 
@@ -260,14 +260,15 @@ class Trainer:
         self.strategy = make_strategy(c.train.strategy, c.train.get("cpu_devices"))
         self.chief = is_chief(self.strategy)
         try:
-            os.makedirs(self.workdir, exist_ok=True)
-        except OSError as err:
-            raise DataError(self.workdir, f"cannot create the work dir ({err.strerror or err})") from None
+            fs.makedirs(self.workdir)
+        except (OSError, tf.errors.OpError) as err:
+            words = getattr(err, "strerror", None) or short_error(err)
+            raise DataError(self.workdir, f"cannot create the work dir ({words})") from None
         keras.utils.set_random_seed(c.seed)
         if c.deterministic:
             make_deterministic()
         if self.chief:   # one live run per work dir; held until `run` returns or raises
-            self._lock.enter_context(locks.hold(os.path.join(self.workdir, locks.LOCK_FILE), self.workdir))
+            self._lock.enter_context(locks.hold(fs.join(self.workdir, locks.LOCK_FILE), self.workdir))
         # Damaged records are refused before anything is written to the work dir.
         self.manifest = reader.load_manifest(c.data.records_dir)
         if self.chief:
@@ -296,7 +297,7 @@ class Trainer:
             self.optimizer = self.make_optimizer()
             self.optimizer.build(self.model.trainable_variables)
         self.schedule = self.make_schedule()
-        self.store = CheckpointStore(os.path.join(self.workdir, "checkpoints"), c.train.keep_checkpoints)
+        self.store = CheckpointStore(fs.join(self.workdir, "checkpoints"), c.train.keep_checkpoints)
 
     # --- the loop ------------------------------------------------------------------------------
     def run(self):
@@ -550,7 +551,7 @@ def _raise_interrupt(signum, frame):
 def export_model(model, workdir, info):
     """`model.keras` (full training model, heads included), then `model_info.json` beside it
     with the sha256 of the file it describes (`completed_export` checks it)."""
-    path = os.path.join(workdir, "model.keras")
+    path = fs.join(workdir, "model.keras")
     atomic_write(path, model.save)
-    write_json(os.path.join(workdir, "model_info.json"), dict(info, model_sha256=file_sha256(path)),
+    write_json(fs.join(workdir, "model_info.json"), dict(info, model_sha256=file_sha256(path)),
                sort_keys=True)

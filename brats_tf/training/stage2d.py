@@ -1,13 +1,13 @@
 """The 2D stage's trainer: modality-specific 2D models on full slices of one orientation,
 and the pretraining of one subnetwork alone (missing-sequence experiment)."""
 
-import os
 
 import keras
 
 from brats_tf.inference import predict
 from brats_tf.training import losses
 from brats_tf.errors import ConfigError
+from brats_tf.io import files as fs
 from brats_tf.models import unet2d
 from brats_tf.records import streams
 from brats_tf.training.loop import Trainer
@@ -83,4 +83,4 @@ class Trainer2D(Trainer):
 
 
 def _model_file(path):
-    return os.path.join(path, "model.keras") if os.path.isdir(path) else path
+    return fs.join(path, "model.keras") if fs.isdir(path) else path
