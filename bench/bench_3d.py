@@ -119,7 +119,7 @@ def bench_inference(case, preset_2d, preset_3d, tile_size, workdir, skip_ensembl
     features = extractor.extract(prepared.image).astype(np.float16)
     volume = np.concatenate([prepared.image.astype(np.float16), features], axis=-1)
     model_a = exported.load_exported(export_3d("A", preset_3d, triples["model1"], Path(workdir) / "A_model1"))
-    first, warm = warm_and_time(lambda: segmentation.predict_model(model_a, None, _Given(volume), 8, tile_size, {}))
+    first, warm = warm_and_time(lambda: segmentation.predict_model(model_a, None, Given(volume), 8, tile_size, {}))
     tile = segmentation.predict.fitted_tile_size(prepared.box.shape, tile_size)
     tiles = int(np.prod([-(-n // tile) for n in prepared.box.shape]))
     emit(bench="infer_3d", model="A", preset=preset_3d, largest_tile=tile_size, tile=tile, tiles=tiles,
@@ -136,14 +136,18 @@ def bench_inference(case, preset_2d, preset_3d, tile_size, workdir, skip_ensembl
          tile_size=tile_size, first_s=first, seconds=warm)
 
 
-class _Given:
-    """Stands in for segmentation.PreparedInputs when the 3D input (image + features) is ready."""
+class Given:
+    """Stands in for pipeline.PreparedInputs when a 3D model's input (image + features) is
+    ready: the same volume for every model, no `present` input."""
 
     def __init__(self, volume):
         self.volume = volume
 
     def image_for(self, model):
         return self.volume
+
+    def present_for(self, model):
+        return None
 
 
 def fake_cases(n, shape, seed=0):
