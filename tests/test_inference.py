@@ -30,3 +30,15 @@ def test_slicewise_2d_reproduces_the_volume(orientation):
     model = keras.Model(x, keras.layers.Identity()(x))
     out = predict.predict_2d_logits(model, volume, orientation, multiple=8, batch_size=4)
     np.testing.assert_allclose(out, volume, rtol=1e-6)
+
+
+def test_compiled_models_trace_once_each_without_retracing_warnings(caplog):
+    """An ensemble compiles one function per model; each traces once per input shape, and
+    TensorFlow must not report that as retracing (it did while all shared one lambda)."""
+    import logging
+    models = [keras.Sequential([keras.Input((6, 6, 2)), keras.layers.Conv2D(3, 3, padding="same")]) for _ in range(8)]
+    x = np.ones((2, 6, 6, 2), np.float32)
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for model in models:
+            np.testing.assert_allclose(np.asarray(predict.compiled(model)(x)), np.asarray(model(x)), atol=1e-6)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

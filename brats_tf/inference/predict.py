@@ -4,6 +4,8 @@ Works on the cropped, normalized grid of a case; `preprocess.paste` puts results
 into the original grid.
 """
 
+import functools
+
 import numpy as np
 import tensorflow as tf
 
@@ -111,7 +113,10 @@ def compiled(model):
     smaller than the largest seen is zero-padded to it, so a whole volume needs one trace
     per slice or tile shape.
     """
-    function = tf.function(lambda x: model(x, training=False))
+    # A partial, not a lambda: TensorFlow counts traces per Python code object, so every
+    # model's lambda shared one count and the ensemble's one trace per model printed
+    # "triggered tf.function retracing" warnings; a partial is counted per model.
+    function = tf.function(functools.partial(model, training=False))
     largest = [0]
 
     def padded(x, count):
