@@ -42,3 +42,21 @@ def test_compiled_models_trace_once_each_without_retracing_warnings(caplog):
         for model in models:
             np.testing.assert_allclose(np.asarray(predict.compiled(model)(x)), np.asarray(model(x)), atol=1e-6)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+@pytest.mark.parametrize("kind, presence", [("standard", False), ("A", False), ("B", False), ("C", False),
+                                            ("B", True)])
+def test_layerwise_inference_equals_tiled_inference(kind, presence):
+    """Layer by layer over the whole volume (each voxel of each layer once, in blocks smaller
+    than the volume) gives the tiled logits."""
+    from brats_tf.inference.layerwise import predict_layerwise_3d
+    from brats_tf.models import unet3d
+    keras.utils.set_random_seed(1)
+    features = 0 if kind == "standard" else 3
+    model = unet3d.build_3d_model(kind, 2, features, "small", levels=(3, 4, 5), final=4, presence=presence)
+    volume = np.random.default_rng(0).normal(size=(23, 30, 19, 2 + features)).astype(np.float32)
+    present = np.array([1.0, 0.0]) if presence else None
+    tiled = predict.predict_tiled_3d(model, volume, 16 + 44, 16, present=present)
+    layerwise = predict_layerwise_3d(model, volume, unet3d.MARGIN, present=present, block=12)
+    assert layerwise.shape == tiled.shape == (23, 30, 19, 4)
+    np.testing.assert_allclose(layerwise, tiled, atol=1e-4, rtol=1e-4)

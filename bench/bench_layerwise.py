@@ -1,0 +1,92 @@
+"""Layer-wise against tiled whole-case inference of 2D-3D model A (issue 14 item 2), one JSON
+line: FLOPs (counted per tile / per block with bench/flops.py), first and warm seconds, peak RSS,
+and the largest logit difference between the two methods. Random weights (speed only); the
+real BraTS 2023 case when ../shared is there, else a 240x240x155 phantom.
+
+    python -m bench.bench_layerwise [--preset small|paper] [--method both|tiled|layerwise] [--block 64]
+"""
+
+import argparse
+import json
+import resource
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from bench import flops
+from bench.bench_3d import PREPROCESSING, REAL_CASE
+from brats_tf import preprocess
+from brats_tf.constants import TILE_SIZE_3D
+from brats_tf.inference import predict
+from brats_tf.inference.layerwise import predict_layerwise_3d
+from brats_tf.io.cases import discover_cases, load_case
+from brats_tf.models import unet3d
+from brats_tf.synthetic import generator as synthetic
+
+
+def the_volume():
+    """The prepared case's 4 image channels and 12 random feature channels (float32)."""
+    if REAL_CASE.is_dir():
+        case, source = discover_cases(REAL_CASE)[0], "real"
+    else:
+        folder = tempfile.mkdtemp()
+        synthetic.write_dataset(folder, 1, 0, progress=False)
+        case, source = discover_cases(folder)[0], "phantom"
+    loaded = load_case(case, PREPROCESSING["modalities"])
+    prepared = preprocess.prepare_case(loaded, "median", PREPROCESSING["median_scale"], PREPROCESSING["crop_margin"])
+    features = np.random.default_rng(0).normal(size=prepared.image.shape[:3] + (12,))
+    return np.concatenate([prepared.image, features], -1).astype(np.float32), source
+
+
+def timed_twice(fn):
+    seconds = []
+    for _ in range(2):
+        start = time.time()
+        result = fn()
+        seconds.append(round(time.time() - start, 1))
+    return result, seconds
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=("small", "paper"))
+    parser.add_argument("--method", default="both", choices=("both", "tiled", "layerwise"))
+    parser.add_argument("--block", type=int, default=64)
+    args = parser.parse_args()
+    volume, source = the_volume()
+    keras.utils.set_random_seed(0)
+    model = unet3d.build_3d_model("A", 4, 12, args.preset)
+    voxels = int(np.prod(volume.shape[:3]))
+    line, outputs = {"preset": args.preset, "source": source, "grid": list(volume.shape[:3])}, {}
+    if args.method in ("both", "tiled"):
+        tile = predict.fitted_tile_size(volume.shape[:3], TILE_SIZE_3D)
+        tiles = int(np.prod([-(-n // tile) for n in volume.shape[:3]]))
+        gflop = flops.model_call_flops(model, (1,) + (tile + 2 * unet3d.MARGIN,) * 3 + (16,)).total * tiles / 1e9
+        outputs["tiled"], (first, warm) = timed_twice(
+            lambda: predict.predict_tiled_3d(model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1))
+        line["tiled"] = {"tile": tile, "tiles": tiles, "gflop": round(gflop, 1), "first_s": first, "warm_s": warm}
+    if args.method in ("both", "layerwise"):
+        per_block, total = {}, [0]
+
+        def count(layer, shape):
+            key = (layer.name, tuple(shape))
+            if key not in per_block:
+                per_block[key] = flops.count_flops(lambda x: layer(x), tf.TensorSpec(tuple(shape))).total
+            total[0] += per_block[key]
+        predict_layerwise_3d(model, volume, unet3d.MARGIN, block=args.block, on_block=count)
+        outputs["layerwise"], (first, warm) = timed_twice(
+            lambda: predict_layerwise_3d(model, volume, unet3d.MARGIN, block=args.block))
+        line["layerwise"] = {"block": args.block, "gflop": round(total[0] / 1e9, 1), "first_s": first, "warm_s": warm}
+    for method in outputs:
+        line[method]["mflop_per_voxel"] = round(line[method]["gflop"] * 1e3 / voxels, 3)
+    if len(outputs) == 2:
+        line["max_abs_difference"] = float(np.abs(outputs["tiled"] - outputs["layerwise"]).max())
+    line["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    print(json.dumps(line), flush=True)
+
+
+if __name__ == "__main__":
+    main()
