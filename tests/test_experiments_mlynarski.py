@@ -213,3 +213,33 @@ def test_table2_missing_over_several_seeds_averages_each_case_before_the_test(tm
     for row in mean:
         pair = [next(r for r in rows if r["Label"] == row["Label"]) for rows in runs]
         assert row["Dice_WT"] == pytest.approx((pair[0]["Dice_WT"] + pair[1]["Dice_WT"]) / 2, abs=1e-6)
+
+
+@pytest.mark.slow
+def test_the_demo_with_cross_fold_features_adds_their_a_row_and_resumes(tmp_path, capsys):
+    """features.folds = 2: 2 x 3 fold models of 2D model 1, each training case's features
+    from the fold that did not train on it, A on them, its row and paired test; a re-run
+    finds everything complete."""
+    config = get_config("tiny")
+    config.features.folds = 2
+    text = open(experiments.run("demo", _args(tmp_path, config=config))).read()
+    assert f"| {M.CROSS_FOLD_A.row} |" in text
+    assert "2D-3D A: training features vs 2-fold cross-fold features" in text
+    split = json.loads((tmp_path / "split.json").read_text())
+    features = json.loads((tmp_path / "features" / "model1_crossfold" / features_lib.MANIFEST).read_text())
+    assert features["complete"] and len(features["cross_fold"]["folds"]) == 2
+    fold_train = [set(json.loads((tmp_path / "models" / f"2d_model1_axial_fold{k}of2" / "split.json").read_text())
+                      ["train"]) for k in range(2)]
+    assert fold_train[0] | fold_train[1] == set(split["train"]) and not fold_train[0] & fold_train[1]   # 2 folds
+    for case_id, entry in features["cases"].items():
+        if case_id in split["train"]:   # from the fold that left it out
+            k = int(entry["source"][4:])
+            assert case_id not in fold_train[k], (case_id, entry)
+        else:
+            assert entry["source"] == "main"
+    a = json.loads((tmp_path / "models" / M.CROSS_FOLD_A.slug / "config.json").read_text())
+    assert a["features"]["cross_fold"] and a["features"]["dir"].endswith("model1_crossfold")
+    capsys.readouterr()
+    experiments.run("demo", _args(tmp_path, config=config))
+    out = capsys.readouterr().out
+    assert "training" not in out and out.count(": complete (") == 6 + 6 + 8 + 3

@@ -17,6 +17,13 @@ phantoms and a few iterations per model).
   subnetwork alone (table2_missing); `tile_size`: largest output side of a 3D inference tile;
   `sequence_dropout`: the dropout probability of missing_inference's model (a);
   `missing_iterations`: missing_inference's two models (None: twod's);
+  `features.folds`: k >= 2 adds 2D-3D model A on cross-fold model-1 features (k x 3 more 2D
+  models, each training case's features from the fold that left it out) and its paired
+  test against A on the main models' features (demo, table1, table3; None: not run);
+  `standard_iterations`, `standard_input_size`: the standard 3D model's (None: threed's);
+  it learns from the images alone, without the 2D features that make the 2D-3D models
+  learn in a few iterations, so at demo scale it gets more iterations and a larger label
+  block (BUILD_NOTES "Why the demo's standard 3D model did not learn");
   `table2.num_cases` (None: num_cases), `table2.seeds`: table2_missing's phantoms and the
   training seeds it averages each test case's Dice over;
   `process_per_model`: train each model and extract each feature set in its own process
@@ -98,6 +105,10 @@ def get_config(preset="demo"):
     # missing_inference's two models (None: twod.train.iterations). Demo: longer than the other
     # 2D models, since the dropout model meets each of the 15 subsets in a fraction of its slices.
     c.missing_iterations = ml_collections.FieldReference(240 if preset == "demo" else None, field_type=int)
+    demo = preset == "demo"
+    c.features = ml_collections.ConfigDict({"folds": ml_collections.FieldReference(None, field_type=int)})
+    c.standard_iterations = ml_collections.FieldReference(90 if demo else None, field_type=int)
+    c.standard_input_size = ml_collections.FieldReference(62 if demo else None, field_type=int)   # 18³ labels
     c.process_per_model = preset == "paper"   # the others: no start-up cost per model
     c.tile_size = TILE_SIZE_3D                # (threed.train.tile_size: the validation's, the same)
     c.shen = shen_config(preset)
@@ -167,7 +178,8 @@ def from_flags(config_flag, scale_flag):
 
 # Lower bounds of the experiment-level fields (the model sections: common.check_ranges).
 MINIMUM = {"num_cases": 1, "num_val": 0, "pretrain_iterations": 0, "tile_size": 1, "table2.seeds": 1,
-           "table2.num_cases": 1, "missing_iterations": 1,
+           "table2.num_cases": 1, "missing_iterations": 1, "standard_iterations": 1,
+           "standard_input_size": 1, "features.folds": 2,
            "shen.num_val": 0, "shen.target_train": 1, "shen.transfer_iterations": 0}
 
 

@@ -69,6 +69,7 @@ class Model:
     kind: str                    # model1 | model2 | unet | standard | A | B | C
     orientation: str = "axial"
     features: str = None         # 2D kind whose features a 2D-3D model takes
+    cross_fold: bool = False     # ... its training cases' features from fold models that did not see them
 
 
 def twod(kind, orientation="axial"):
@@ -88,6 +89,10 @@ def twod3d(kind, features):
 
 
 SIX_2D3D = [twod3d(k, f) for f in KINDS_2D for k in KINDS_2D3D]
+# With features.folds = k: 2D-3D model A on model-1 features whose training cases' features
+# come from k-fold 2D models that did not train on them (METHOD §3 caveat).
+CROSS_FOLD_A = Model("2D-3D model A, cross-fold features from 2D model 1", "3d_A_model1_crossfold", "3d", "A",
+                     features="model1", cross_fold=True)
 
 
 @dataclasses.dataclass
@@ -119,8 +124,8 @@ def table3(args):
                           title="Table 3: second dataset" + (" (--test_dir)" if args.test_dir else ""))
 
 
-STAGES = ("data and records", "2D models", "2D features", "3D models", "inference and vote", "evaluation",
-          "report")
+STAGES = ("data and records", "2D models", "cross-fold 2D models", "2D features", "3D models", "inference and vote",
+          "evaluation", "report")
 
 
 def _method_tables(args, experiment, with_unet, title):
@@ -130,12 +135,22 @@ def _method_tables(args, experiment, with_unet, title):
     models_2d = [twod(k, o) for k in KINDS_2D for o in ORIENTATIONS] + ([twod("unet_axial")] if with_unet else [])
     with run.stage("2D models"):
         dirs = {m.slug: run.train(m, run.config_2d(m, data)) for m in models_2d}
+    folds = run.scale.features.folds
+    cross_fold = [CROSS_FOLD_A] if folds else []
+    if folds:
+        with run.stage("cross-fold 2D models"):
+            fold_dirs = run.train_fold_models(CROSS_FOLD_A.features, dirs, data, folds)
+    else:
+        run.stages.titles.remove("cross-fold 2D models")
     with run.stage("2D features"):
         feature_dirs = {k: run.extract_features(k, dirs, data) for k in KINDS_2D}
+        if folds:
+            feature_dirs[_feature_key(CROSS_FOLD_A)] = run.extract_features(CROSS_FOLD_A.features, dirs, data, fold_dirs)
     with run.stage("3D models"):
-        for m in [STANDARD_3D] + SIX_2D3D:
+        for m in [STANDARD_3D] + SIX_2D3D + cross_fold:
             dirs[m.slug] = run.train(m, run.config_3d(m, data, feature_dirs, dirs))
-    rows = ([twod("unet_axial")] if with_unet else []) + [twod(k) for k in KINDS_2D] + [STANDARD_3D] + SIX_2D3D
+    rows = ([twod("unet_axial")] if with_unet else []) + [twod(k) for k in KINDS_2D] + [STANDARD_3D] + SIX_2D3D \
+        + cross_fold
     with run.stage("inference and vote"):
         pred_dirs = run.predict(rows, dirs, data, vote=[m.row for m in SIX_2D3D])
     with run.stage("evaluation"):
@@ -144,6 +159,8 @@ def _method_tables(args, experiment, with_unet, title):
     comparisons = [("Standard 3D vs 2D-3D", STANDARD_3D.row, a1),
                    ("2D vs 2D-3D", twod("model1").row, a1),
                    ("2D-3D vs ensembling of 2D-3D", a1, ENSEMBLE_ROW)]
+    if folds:
+        comparisons.append((f"2D-3D A: training features vs {folds}-fold cross-fold features", a1, CROSS_FOLD_A.row))
     logs = {m.row: os.path.join(dirs[m.slug], "train_log.csv") for m in (twod("model1"), SIX_2D3D[0])}
     with run.stage("report"):
         path = run.report(title, evaluations, comparisons, logs, pred_dirs, data,
@@ -246,6 +263,11 @@ def subsets_note(subsets, modalities):
     return "\n".join(lines) + "\n"
 
 
+def _feature_key(model):
+    """The feature set a 2D-3D model trains on (its 2D kind, cross-fold or not)."""
+    return f"{model.features}_crossfold" if model.cross_fold else model.features
+
+
 # ------------------------------------------------------------------ one run of an experiment
 
 class Run:
@@ -315,9 +337,13 @@ class Run:
 
     def config_3d(self, model, data, feature_dirs, dirs):
         c = copy.deepcopy(self.scale.threed)
+        c.features.cross_fold = model.cross_fold
         c.model.kind = model.kind
+        if model.kind == "standard":   # no 2D features: it learns from the images alone
+            c.train.iterations = self.scale.standard_iterations or c.train.iterations
+            c.model.input_size = self.scale.standard_input_size or c.model.input_size
         if model.features:
-            c.features.dir, c.features.kind = feature_dirs[model.features], model.features
+            c.features.dir, c.features.kind = feature_dirs[_feature_key(model)], model.features
             c.features.models = ",".join(dirs[f"2d_{model.features}_{o}"] for o in ORIENTATIONS)
         return self._finish_config(c, data, None, "3d")
 
@@ -346,21 +372,36 @@ class Run:
                                                                  else ""), flush=True)
         return model_dir
 
-    def extract_features(self, kind, dirs, data):
-        out_dir = os.path.join(self.work, "features", kind)
+    def extract_features(self, kind, dirs, data, fold_dirs=None):
+        """The features of the 2D `kind` models (with `fold_dirs`: the training cases' from
+        the fold models that left them out) in work/features/<kind>[_crossfold]; resumes."""
+        name = f"{kind}_crossfold" if fold_dirs else kind
+        out_dir = os.path.join(self.work, "features", name)
         paths = {o: dirs[f"2d_{kind}_{o}"] for o in ORIENTATIONS}
         try:
-            features_lib.check_request(features_lib.load_manifest(out_dir), out_dir, kind, False, paths)
-            print(f"  2D {kind} features: complete ({out_dir})", flush=True)
+            features_lib.check_request(features_lib.load_manifest(out_dir), out_dir, kind, bool(fold_dirs), paths,
+                                       fold_paths=fold_dirs)
+            print(f"  2D {name} features: complete ({out_dir})", flush=True)
             return out_dir
         except (DataError, ConfigError):
             pass
         start = time.time()
         manifest = common.call(self.scale.process_per_model, out_dir, features_lib.extract_features,
-                               data.records_dir, out_dir, paths, overwrite=True, verbose=False)
-        self.timings.record(f"2D {kind} features", extract_s=time.time() - start)
-        print(f"  2D {kind} features of {len(manifest['cases'])} cases: {time.time() - start:.0f} s", flush=True)
+                               data.records_dir, out_dir, paths, fold_models=fold_dirs, overwrite=True, verbose=False)
+        self.timings.record(f"2D {name} features", extract_s=time.time() - start)
+        print(f"  2D {name} features of {len(manifest['cases'])} cases: {time.time() - start:.0f} s", flush=True)
         return out_dir
+
+    def train_fold_models(self, kind, dirs, data, folds):
+        """The `folds` x 3 orientations of 2D `kind` models for cross-fold features: fold k
+        trains on the training cases less the k-th seeded fold (same validation cases and
+        settings as the main models); returns [{orientation: work dir}] per fold."""
+        fold_dirs = []
+        for k, train in enumerate(splits.fold_train_cases(data.split["train"], folds, self.args.seed)):
+            models = {o: dataclasses.replace(twod(kind, o), row=f"{twod(kind, o).row}, fold {k + 1} of {folds}",
+                                             slug=f"2d_{kind}_{o}_fold{k}of{folds}") for o in ORIENTATIONS}
+            fold_dirs.append({o: self.train(m, self.config_2d(m, data, train=train)) for o, m in models.items()})
+        return fold_dirs
 
     # --- inference, evaluation, report ---------------------------------------------------------
     def predict(self, rows, dirs, data, vote=(), folder="predictions"):
@@ -472,7 +513,9 @@ class Run:
             f"test cases from `{data.test_dir}`",
             f"- split: {len(data.split['train'])} train / {len(data.split['val'])} validation / "
             f"{len(data.split['test'])} test (`split.json`)",
-            f"- iterations: 2D {s.twod.train.iterations}, 3D {s.threed.train.iterations}; 2D settings {settings_2d}; "
+            f"- iterations: 2D {s.twod.train.iterations}, 3D {s.threed.train.iterations} (standard 3D "
+            f"{s.standard_iterations or s.threed.train.iterations} on "
+            f"{s.standard_input_size or s.threed.model.input_size}³ patches); 2D settings {settings_2d}; "
             f"3D settings {settings_3d}; overrides 2D {list(getattr(self.args, 'config_2d', None) or [])}, "
             f"3D {list(getattr(self.args, 'config_3d', None) or [])}\n"])
 

@@ -270,13 +270,14 @@ def load_manifest(features_dir):
                          "format_version", FORMAT_VERSION)
 
 
-def check_request(manifest, features_dir, kind=None, cross_fold=False, model_paths=None):
+def check_request(manifest, features_dir, kind=None, cross_fold=False, model_paths=None, fold_paths=None):
     """Refuses (ConfigError, one line) features that are not what a 3D config asks for.
 
     kind: the 2D model kind the features must come from (None: any);
     cross_fold: whether training-case features must come from cross-fold models;
     model_paths: optional {orientation: path}: the features must come from exactly these
-    models (by content hash).
+    models (by content hash); fold_paths: optional [{orientation: path}], the same for the
+    cross-fold models, fold by fold.
     """
     where = os.path.join(features_dir, MANIFEST)
     if not manifest.get("complete"):
@@ -287,9 +288,19 @@ def check_request(manifest, features_dir, kind=None, cross_fold=False, model_pat
     if bool(cross_fold) != bool(manifest.get("cross_fold")):
         raise ConfigError(f"{where}: features were extracted {'with' if manifest.get('cross_fold') else 'without'} "
                           f"cross-fold models, the config asks for features.cross_fold={bool(cross_fold)}")
-    for orientation, path in (model_paths or {}).items():
+    _check_models(where, manifest["models"], model_paths or {})
+    if fold_paths is not None:
+        stored_folds = manifest["cross_fold"]["folds"]
+        if len(stored_folds) != len(fold_paths):
+            raise ConfigError(f"{where}: features come from {len(stored_folds)} fold models, not {len(fold_paths)}")
+        for stored, paths in zip(stored_folds, fold_paths):
+            _check_models(where, stored, paths)
+
+
+def _check_models(where, stored_models, model_paths):
+    for orientation, path in model_paths.items():
         wanted = file_sha256(model_file(path))
-        stored = manifest["models"][orientation]
+        stored = stored_models[orientation]
         if stored["sha256"] != wanted:
             raise ConfigError(f"{where}: {orientation} features come from {stored['path']} "
                               f"(sha256 {stored['sha256'][:12]}), not from {model_file(path)} (sha256 {wanted[:12]})")
