@@ -26,6 +26,7 @@ def dataset(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow   # Beam's worker processes start TensorFlow: ~20 s
 def test_the_beam_build_equals_the_in_process_build(dataset, tmp_path):
     in_process = build_records(dataset, tmp_path / "in_process", verbose=False)
     result = run_module("data_prep.build_records", f"--data_dir={dataset}", f"--out_dir={tmp_path / 'beam'}",

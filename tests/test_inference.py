@@ -44,8 +44,8 @@ def test_compiled_models_trace_once_each_without_retracing_warnings(caplog):
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
 
 
-@pytest.mark.parametrize("kind, presence", [("standard", False), ("A", False), ("B", False), ("C", False),
-                                            ("B", True)])
+@pytest.mark.parametrize("kind, presence", [("C", False), ("B", True)] + [
+    pytest.param(kind, False, marks=pytest.mark.slow) for kind in ("standard", "A", "B")])
 def test_layerwise_inference_equals_tiled_inference(kind, presence):
     """Layer by layer over the whole volume (each voxel of each layer once, in blocks smaller
     than the volume) gives the tiled logits."""
