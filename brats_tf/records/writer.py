@@ -139,6 +139,7 @@ def build_records(data_dir, out_dir, layout="auto", layout_file=None, normalizat
 
 def _build_records(data_dir, out_dir, layout, layout_file, normalization, modalities, scale, margin,
                    allow_missing_modalities, overwrite, verbose, beam_options):
+    pipeline_options = _pipeline_options(beam_options)   # Beam missing: one line before any work
     _check_out_dir(out_dir, overwrite)
     cases = discover_cases(data_dir, layout, layout_file)
     modalities = _resolve_modalities(cases, modalities, allow_missing_modalities)
@@ -171,7 +172,7 @@ def _build_records(data_dir, out_dir, layout, layout_file, normalization, modali
             # One record file per case: a streaming sampler reads exactly the cases it needs.
             builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
                 manual_dir=os.path.abspath(data_dir), verify_ssl=False, num_shards=len(cases),
-                beam_options=_pipeline_options(beam_options)))
+                beam_options=pipeline_options))
         if beam_options is not None:   # the workers' entries are not ours to collect: read them back
             manifest_cases = _entries_from_records(builder, cases, modalities)
             if verbose:
