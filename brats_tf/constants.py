@@ -45,3 +45,9 @@ HD95_ONE_EMPTY_MM = 373.13
 # Largest output side of a 3D inference tile (its input: +44); the default of `segment`,
 # of the 3D trainer's validation and of the experiments (configs/experiments.py).
 TILE_SIZE_3D = 64
+# Memory (GB) a 3D model's whole-volume, layer-by-layer inference may take (its estimate);
+# above it, or at 0, the model is tiled with TILE_SIZE_3D tiles (issue 14 item 2).
+MEMORY_BUDGET_GB = 8.0
+# Inference precisions (segment --precision): the models' inner layers in float32 or bfloat16
+# (brats_tf/models/precision.py maps them to Keras dtype policies).
+PRECISIONS = ("fp32", "bf16")

@@ -17,6 +17,10 @@ A case lacking a sequence: 2D models trained with sequence dropout (train2d.py
 --allow_missing=zero_fill. One line says which sequences are missing and how each is
 handled; <case_id>_volumes.json records it ("missing_sequences").
 
+3D models run layer by layer over the whole case when the estimated memory fits
+--memory_budget_gb (default 8), else tiled; --precision=bf16 runs the 2D and 3D models in
+bfloat16 with float32 logits (BUILD_NOTES, issue 14: speed and agreement with fp32).
+
 --bundle: a model bundle written by `python -m brats_tf.export` instead of --models: its
 SavedModels run with the chains, thresholds, tile and batch sizes of its bundle.json, after
 every file's sha256 is checked. --max_grid X,Y,Z runs --models at the fixed shapes of a
@@ -27,7 +31,7 @@ from absl import app, flags
 
 from brats_tf.inference import ensemble
 from brats_tf.inference import pipeline
-from brats_tf.constants import OUTPUT_LABEL_MAPS, TILE_SIZE_3D
+from brats_tf.constants import MEMORY_BUDGET_GB, OUTPUT_LABEL_MAPS, PRECISIONS, TILE_SIZE_3D
 from brats_tf.errors import run_main
 from brats_tf.io.cases import LAYOUT_CHOICES
 
@@ -55,6 +59,12 @@ flags.DEFINE_enum("allow_missing", None, ["zero_fill"], "Run models trained with
                   "lacking one of their sequences, zero-filled (models trained with it need no flag).")
 flags.DEFINE_integer("tile_size", TILE_SIZE_3D, "Largest side of the output block of one 3D tile (its input: +44); "
                      "memory grows with its cube.", lower_bound=1)
+flags.DEFINE_float("memory_budget_gb", MEMORY_BUDGET_GB, "A 3D model runs layer by layer over the whole case (each "
+                   "voxel of each layer computed once) when its estimated memory fits this; else in --tile_size "
+                   "tiles. 0: always tiles.", lower_bound=0)
+flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "Compute precision of the 2D and 3D models' inner layers: "
+                  "bf16 runs them in bfloat16 (Keras mixed_bfloat16, logits float32; about twice as fast on "
+                  "CPUs with AVX512_BF16 or AMX, GPUs from Ampere, TPUs). Baselines and bundles run in fp32.")
 
 
 def main(argv):
@@ -66,7 +76,8 @@ def main(argv):
         layout_file=FLAGS.layout_file, case_id=FLAGS.case_id, mask=FLAGS.mask, bundle=FLAGS.bundle,
         max_grid=FLAGS.max_grid, label_convention=FLAGS.label_convention, thresholds=given("thresholds"),
         save_probabilities=FLAGS.save_probabilities, save_proportions=FLAGS.save_proportions,
-        batch_size=given("batch_size"), tile_size=given("tile_size"), allow_missing=FLAGS.allow_missing)
+        batch_size=given("batch_size"), tile_size=given("tile_size"), allow_missing=FLAGS.allow_missing,
+        memory_budget_gb=FLAGS.memory_budget_gb, precision=FLAGS.precision)
 
 
 if __name__ == "__main__":

@@ -272,3 +272,9 @@ def test_the_chain_and_vote_bundle_on_the_real_brats2023_case(models, tmp_path):
     (model_a / "model_info.json").write_text(json.dumps(info))
     paths = [alone, *narrow.values(), str(model_a), models["standard"]]
     _same_on_the_real_case(paths, tmp_path / "bundle_vote", tmp_path)
+
+
+def test_a_bundle_runs_in_float32_only(vote_bundle, held_out, tmp_path):
+    with pytest.raises(ConfigError, match=r"^--precision=bf16: a bundle's SavedModels run in the float32"):
+        pipeline.segment(None, tmp_path / "o", case_dir=held_out[0], bundle=vote_bundle, precision="bf16")
+    assert not (tmp_path / "o").exists()

@@ -60,3 +60,48 @@ def test_layerwise_inference_equals_tiled_inference(kind, presence):
     layerwise = predict_layerwise_3d(model, volume, unet3d.MARGIN, present=present, block=12)
     assert layerwise.shape == tiled.shape == (23, 30, 19, 4)
     np.testing.assert_allclose(layerwise, tiled, atol=1e-4, rtol=1e-4)
+
+
+def _small_3d(kind="A", features=3, presence=False):
+    from brats_tf.models import unet3d
+    keras.utils.set_random_seed(1)
+    return unet3d.build_3d_model(kind, 2, features, "small", levels=(3, 4, 5), final=4, presence=presence)
+
+
+def test_layerwise_memory_estimate_bounds_the_arrays_it_keeps():
+    """`peak_bytes` (what segment compares with --memory_budget_gb) is at least the NumPy
+    memory layer-wise inference holds at its peak, and within a small factor of it."""
+    import tracemalloc
+    from brats_tf.inference.layerwise import peak_bytes, predict_layerwise_3d
+    from brats_tf.models import unet3d
+    model = _small_3d()
+    volume = np.random.default_rng(0).normal(size=(40, 44, 36, 5)).astype(np.float32)
+    predict_layerwise_3d(model, volume, unet3d.MARGIN, block=16)   # traces outside the measurement
+    tracemalloc.start()
+    predict_layerwise_3d(model, volume, unet3d.MARGIN, block=16)
+    _, measured = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    estimate = peak_bytes(model, volume.shape, unet3d.MARGIN, block=16)
+    assert measured <= estimate <= 3 * measured, (measured, estimate)
+    # bfloat16 activations take half the bytes (the padded float32 input stays float32)
+    assert peak_bytes(model, volume.shape, unet3d.MARGIN, block=16, itemsize=2) < 0.8 * estimate
+
+
+def test_bf16_precision_computes_inner_layers_in_bfloat16_with_float32_logits():
+    """with_precision("bf16"): every inner layer computes in bfloat16, the logits layer in
+    float32; the logits stay within bfloat16 rounding of the float32 ones; layer-wise
+    inference keeps bfloat16 activations."""
+    from brats_tf.inference.layerwise import peak_bytes, predict_layerwise_3d
+    from brats_tf.models import unet3d
+    from brats_tf.models.precision import with_precision
+    volume = np.random.default_rng(0).normal(size=(20, 18, 16, 5)).astype(np.float32)
+    reference = predict.predict_tiled_3d(_small_3d(), volume, 20 + 44, 20)
+    model = with_precision(_small_3d(), "bf16")
+    dtypes = {layer.name: layer.compute_dtype for layer in model.layers if not isinstance(layer, keras.layers.InputLayer)}
+    assert dtypes.pop(model.layers[-1].name) == "float32" and set(dtypes.values()) == {"bfloat16"}
+    for logits in (predict.predict_tiled_3d(model, volume, 20 + 44, 20),
+                   predict_layerwise_3d(model, volume, unet3d.MARGIN, block=12)):
+        assert logits.dtype == np.float32
+        error = np.abs(logits - reference).max() / np.abs(reference).max()
+        assert 0 < error < 0.05, error   # bfloat16 keeps 8 significant bits: not float32, not far off
+    assert peak_bytes(model, volume.shape, unet3d.MARGIN) < peak_bytes(_small_3d(), volume.shape, unet3d.MARGIN)

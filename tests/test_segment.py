@@ -118,6 +118,45 @@ def test_several_3d_models_are_fused_by_the_vote(models, tmp_path):
     np.testing.assert_allclose(np.asarray(nib.load(written["P_tumor"]).dataobj), proportions["tumor"])
 
 
+def _chain_and_standard(models, **options):
+    return exported.plan_models([models["A"], models["standard"], models["axial"], models["coronal"],
+                                 models["sagittal"]], **options)
+
+
+def test_3d_models_run_layer_by_layer_within_the_memory_budget_else_tiled(models):
+    """The default budget takes the layer-wise path for these small grids, budget 0 (and a
+    budget below the estimate) the tiled one; both give the same logits and label maps."""
+    case = pipeline.cases_from_dir(models["data"] / "Case_3")[0]
+    plan = _chain_and_standard(models)
+    shape = pipeline.PreparedInputs(case).image_for(plan.final[0]).shape
+    for model in plan.final:
+        assert pipeline.runs_layerwise(model, shape)
+        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=0)
+        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=1e-4)
+    layerwise = list(pipeline.label_maps(pipeline.PreparedInputs(case), plan, tile_size=16))
+    tiled = list(pipeline.label_maps(pipeline.PreparedInputs(case), plan, tile_size=16, memory_budget_gb=0))
+    for (_, labels, logits), (_, tiled_labels, tiled_logits) in zip(layerwise, tiled, strict=True):
+        np.testing.assert_allclose(logits, tiled_logits, atol=1e-4, rtol=1e-4)
+        np.testing.assert_array_equal(labels, tiled_labels)
+
+
+def test_bf16_precision_runs_every_network_in_bfloat16_and_keeps_the_segmentation_close(models, tmp_path):
+    """--precision=bf16: the chain's 2D models and both 3D models compute in bfloat16 with
+    float32 logits, which stay within bfloat16 rounding of the fp32 ones."""
+    case = pipeline.cases_from_dir(models["data"] / "Case_3")[0]
+    plans = {p: _chain_and_standard(models, precision=p) for p in ("fp32", "bf16")}
+    for model in plans["bf16"].models():
+        inner = {layer.compute_dtype for layer in model.layers_model.layers[1:-1]}
+        assert inner == {"bfloat16"} and model.layers_model.layers[-1].compute_dtype == "float32", model.path
+    runs = {p: list(pipeline.label_maps(pipeline.PreparedInputs(case), plan, tile_size=16)) for p, plan in plans.items()}
+    for (_, _, reference), (_, _, logits) in zip(runs["fp32"], runs["bf16"], strict=True):
+        assert logits.dtype == np.float32
+        assert 0 < np.abs(logits - reference).max() < 0.05 * np.abs(reference).max()
+    [(_, written)] = pipeline.segment([models["A"]], tmp_path / "bf16", case_dir=models["data"] / "Case_3",
+                                      verbose=False, precision="bf16")
+    assert _read_seg(written["seg"])[0].shape == _read_seg(models["data"] / "Case_3" / "Case_3_seg.nii.gz")[0].shape
+
+
 def test_a_2d3d_model_alone_finds_its_2d_models_by_recorded_path_and_hash(models, tmp_path):
     plan = exported.plan_models([models["A"]])
     assert {o: m.path for o, m in plan.chains[0].items()} == {
@@ -185,3 +224,24 @@ def test_fitted_tiles_cover_the_volume_with_as_few_tiles_and_least_padding():
         counts = lambda side: [-(-int(n) // side) for n in shape]
         assert tile <= largest and counts(tile) == counts(largest)
         assert tile == 1 or counts(tile - 1) != counts(largest)   # one less needs more tiles
+
+
+def test_the_next_case_is_prepared_while_the_current_one_is_segmented():
+    """pipeline.ahead: results in order, the next item's work running in the background
+    while the caller still holds the current one; a failure surfaces at its own turn."""
+    import threading
+    started = {i: threading.Event() for i in range(4)}
+
+    def work(i):
+        started[i].set()
+        if i == 3:
+            raise DataError(f"case_{i}", "cannot be read")
+        return i * 10
+
+    results = pipeline.ahead([0, 1, 2, 3], work)
+    for i in range(3):
+        assert next(results) == i * 10
+        assert started[i + 1].wait(timeout=10), f"item {i + 1} was not started while item {i} was in use"
+    with pytest.raises(DataError, match="case_3: cannot be read"):
+        next(results)
+    assert list(pipeline.ahead([], work)) == []

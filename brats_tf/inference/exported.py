@@ -181,30 +181,35 @@ def fixed_shape_call(function, input_shape, shrink=0):
 
 # --- exported models -----------------------------------------------------------------------------
 
-def load_network(path, stage):
+def load_network(path, stage, precision="fp32"):
     """The Keras network of a model file for prediction: a 2D model's main logits only
-    (auxiliary heads dropped), other models as saved. Imports Keras and our model modules
-    (their custom layers must be registered to load)."""
+    (auxiliary heads dropped), other models as saved; its inner layers in `precision`
+    (models/precision.py). Imports Keras and our model modules (their custom layers must be
+    registered to load)."""
     import keras
     from brats_tf.models import baselines, unet2d, unet3d  # noqa: F401 (registers custom layers)
+    from brats_tf.models.precision import with_precision
     try:
         model = keras.models.load_model(path)
     except Exception as err:   # Keras raises many kinds for a damaged archive (zip, HDF5, JSON, config)
         raise DataError(path, f"cannot load the model ({short_error(err)})") from None
-    return unet2d.inference_model(model) if stage == "2d" else model
+    return with_precision(unet2d.inference_model(model) if stage == "2d" else model, precision)
 
 
 
 @dataclass
 class ExportedModel:
-    """One exported model: its file, `model_info.json`, content hash; Keras model on demand.
-    With `shapes`, its network runs at those fixed shapes (as a bundle's would)."""
+    """One exported model: its file, `model_info.json`, content hash; Keras model on demand,
+    its inner layers in `precision` ("fp32" or "bf16", models/precision.py). With `shapes`,
+    its network runs at those fixed shapes (as a bundle's would)."""
     path: str
     info: dict
     sha256: str
     _model: object = field(default=None, repr=False)
     shapes: NetworkShapes = None
     _network: object = field(default=None, repr=False)
+    precision: str = "fp32"
+    _layers: object = field(default=None, repr=False)
 
     @property
     def stage(self):
@@ -235,10 +240,17 @@ class ExportedModel:
         return None if self.shapes is None else network_input_shape(self.info, self.shapes)
 
     @property
+    def layers_model(self):
+        """The Keras model itself (layer-wise inference walks its layers)."""
+        if self._layers is None:
+            self._layers = load_network(self.path, self.stage, self.precision)
+        return self._layers
+
+    @property
     def keras_model(self):
-        """The network used for prediction: main logits only (auxiliary heads dropped)."""
+        """The network used for prediction, traced: main logits only (auxiliary heads dropped)."""
         if self._model is None:
-            self._model = predict.compiled(load_network(self.path, self.stage))
+            self._model = predict.compiled(self.layers_model)
         return self._model
 
     @property
@@ -285,15 +297,18 @@ class Plan:
         return list(seen.values())
 
 
-def plan_models(paths, shapes=None):
+def plan_models(paths, shapes=None, precision="fp32"):
     """The models that give label maps, each with its feature chain; 2D models that only
-    feed a chain do not vote. `shapes`: run every network at these fixed shapes."""
+    feed a chain do not vote. `shapes`: run every network at these fixed shapes;
+    `precision`: every network's ("fp32", "bf16": models/precision.py)."""
     if not paths:
         raise ConfigError("--models: give at least one exported model")
     loaded = load_with_chains(paths)
     extractors = {m.sha256 for _, chain in loaded for m in (chain or {}).values()}
     final = [(m, c) for m, c in loaded if m.sha256 not in extractors or m.stage == "3d"]
     plan = Plan([m for m, _ in final], [c for _, c in final])
+    for model in plan.models():
+        model.precision = precision
     if shapes is not None:
         for model in plan.models():
             if model.stage == "baseline":

@@ -28,6 +28,13 @@ from brats_tf.models.unet3d import DilatedMaxPool3D
 # Output block side of a windowed layer, by default. Measured on the paper widths: a 64³ block
 # of the widest layer needs < 2 GB of convolution workspace (BUILD_NOTES, issue 14).
 DEFAULT_BLOCK = 64
+# A windowed layer's block costs about this many times its input and output blocks while it
+# runs (oneDNN's reordered copies of both, the padded piece, the result array).
+BLOCK_WORKSPACE_FACTOR = 4
+# The process's resident memory grows by 1.05-1.09 times the arrays and workspace counted
+# (allocator pools, TensorFlow's own buffers; model A on the real case, small and paper
+# widths, fp32 and bf16): `peak_bytes` includes this so that it bounds what was measured.
+ALLOCATOR_OVERHEAD = 1.1
 
 
 def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOCK, on_block=None):
@@ -35,12 +42,11 @@ def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOC
     zero-padded by `margin` (the model's shrink per side, as in training and tiling).
     present: (K,) for a model with a `present` input. on_block(layer, input_shape) is called
     for every block a windowed layer computes (bench/bench_inference.py counts FLOPs so)."""
-    volume = np.asarray(volume, np.float32)
-    padded = np.pad(volume, [(margin, margin)] * 3 + [(0, 0)])[None]
-    given = {"patch": padded}
+    given = {"patch": np.pad(np.asarray(volume, np.float32), [(margin, margin)] * 3 + [(0, 0)])[None]}
     if present is not None:
         given["present"] = np.asarray(present, np.float32).reshape(1, -1)
     values = {id(t): given[_input_name(t, model)] for t in model.inputs}
+    del given   # `values` alone holds the padded input, freed after its last consumer
     uses = _consumers(model)
     for layer in model.operations:
         if isinstance(layer, keras.layers.InputLayer):
@@ -53,6 +59,87 @@ def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOC
             if uses[id(t)] == 0 and not any(t is o for o in model.outputs):
                 del values[id(t)]
     return values[id(model.outputs[0])][0]
+
+
+def peak_bytes(model, shape, margin, block=DEFAULT_BLOCK, itemsize=None):
+    """Estimated peak memory (bytes) of `predict_layerwise_3d(model, volume of `shape`)`,
+    without running it: the same walk over the layers with each activation's size, the
+    arrays alive at each step (an activation lives until its last consumer has run) plus
+    the running layer's block workspace, times ALLOCATOR_OVERHEAD. itemsize: bytes per
+    stored value (default: the layers' compute dtype, 4 for float32, 2 for mixed bfloat16).
+    bench/bench_layerwise.py prints it beside the measured growth of resident memory."""
+    sizes = {id(t): math.prod(_padded(shape, margin) if len(t.shape) == 5 else ()) * _channels(t) * 4
+             for t in model.inputs}   # float32 inputs
+    uses = _consumers(model)
+    live = peak = sum(sizes.values())
+    for layer, inputs, _, out_sides in _walk(model, shape, margin):
+        value_bytes = itemsize or np.dtype(keras.backend.standardize_dtype(layer.compute_dtype)).itemsize
+        sizes[id(layer.output)] = math.prod(out_sides or ()) * _channels(layer.output) * value_bytes
+        workspace = 0
+        halo = _halo(layer)
+        if halo is not None:
+            sides, _ = _block_grid(out_sides, block)
+            workspace = BLOCK_WORKSPACE_FACTOR * value_bytes * (
+                math.prod(s + h for s, h in zip(sides, halo)) * _channels(inputs[0])
+                + math.prod(sides) * _channels(layer.output))
+        live += sizes[id(layer.output)]
+        peak = max(peak, live + workspace)
+        for t in inputs:
+            uses[id(t)] -= 1
+            if uses[id(t)] == 0 and not any(t is o for o in model.outputs):
+                live -= sizes[id(t)]
+    return int(peak * ALLOCATOR_OVERHEAD)
+
+
+def block_calls(model, shape, margin, block=DEFAULT_BLOCK):
+    """[(layer, input block shape, number of blocks)] for every windowed layer, as
+    `predict_layerwise_3d` would compute them over a volume of `shape` (without running:
+    bench/bench_inference.py counts the FLOPs of a run from these)."""
+    calls = []
+    for layer, inputs, _, out_sides in _walk(model, shape, margin):
+        halo = _halo(layer)
+        if halo is not None:
+            sides, counts = _block_grid(out_sides, block)
+            calls.append((layer, (1, *(s + h for s, h in zip(sides, halo)), _channels(inputs[0])), math.prod(counts)))
+    return calls
+
+
+def _walk(model, shape, margin):
+    """(layer, input tensors, their sides, output sides) of every layer in order, over a
+    volume of `shape` padded by `margin` (sides None: a tensor without them, `present`)."""
+    spatial = {id(t): _padded(shape, margin) if len(t.shape) == 5 else None for t in model.inputs}
+    for layer in model.operations:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        inputs = _as_list(layer.input)
+        in_sides = [spatial.get(id(t)) for t in inputs]
+        spatial[id(layer.output)] = _output_spatial(layer, in_sides)
+        yield layer, inputs, in_sides, spatial[id(layer.output)]
+
+
+def _padded(shape, margin):
+    return tuple(int(n) + 2 * margin for n in shape[:3])
+
+
+def _channels(tensor):
+    return int(tensor.shape[-1])
+
+
+def _block_grid(out_shape, block):
+    """(block sides, blocks per axis): blocks of side <= `block`, as even as they can be."""
+    sides = [math.ceil(n / math.ceil(n / block)) for n in out_shape]
+    return sides, [math.ceil(n / s) for n, s in zip(out_shape, sides)]
+
+
+def _output_spatial(layer, input_spatial):
+    """A layer's output sides over the whole volume (None: a tensor without sides, `present`)."""
+    first = input_spatial[0]
+    if first is None:
+        return None
+    if isinstance(layer, keras.layers.Cropping3D):
+        return tuple(n - a - b for n, (a, b) in zip(first, layer.cropping))
+    halo = _halo(layer)
+    return first if halo is None else tuple(n - h for n, h in zip(first, halo))
 
 
 def _input_name(tensor, model):
@@ -77,7 +164,8 @@ def _apply(layer, arrays, block, on_block):
     if isinstance(layer, keras.layers.Cropping3D):
         (x,) = arrays
         (a0, b0), (a1, b1), (a2, b2) = layer.cropping
-        return x[:, a0:x.shape[1] - b0, a1:x.shape[2] - b1, a2:x.shape[3] - b2]
+        # a copy, not a view: a view would keep the whole uncropped skip alive until its concat
+        return np.ascontiguousarray(x[:, a0:x.shape[1] - b0, a1:x.shape[2] - b1, a2:x.shape[3] - b2])
     if isinstance(layer, keras.layers.Concatenate):
         return np.concatenate(arrays, axis=-1)
     halo = _halo(layer)
@@ -103,8 +191,7 @@ def _blockwise(layer, x, halo, block, on_block=None):
     blocks (the last ones padded past the end, then cut), each from its input block plus
     the layer's halo; one traced function per layer (every call has the same shape)."""
     out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
-    sides = [math.ceil(n / math.ceil(n / block)) for n in out_shape]   # as even as the blocks can be
-    counts = [math.ceil(n / s) for n, s in zip(out_shape, sides)]
+    sides, counts = _block_grid(out_shape, block)
     function = tf.function(layer, reduce_retracing=False)
     out = None
     for i in range(counts[0]):
@@ -119,7 +206,10 @@ def _blockwise(layer, x, halo, block, on_block=None):
                 if on_block is not None:
                     on_block(layer, piece.shape)
                 result = np.asarray(function(tf.constant(piece)))
-                if out is None:
-                    out = np.zeros((1, *(c * sd for c, sd in zip(counts, sides)), result.shape[-1]), np.float32)
-                out[:, s[0]:s[0] + sides[0], s[1]:s[1] + sides[1], s[2]:s[2] + sides[2]] = result
-    return out[:, :out_shape[0], :out_shape[1], :out_shape[2]]
+                if out is None:   # exactly the output's size (a view of a larger one would keep it all)
+                    # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations
+                    out = np.empty((1, *out_shape, result.shape[-1]), result.dtype)
+                kept = [min(sd, n - st) for sd, n, st in zip(sides, out_shape, s)]
+                out[:, s[0]:s[0] + kept[0], s[1]:s[1] + kept[1], s[2]:s[2] + kept[2]] = \
+                    result[:, :kept[0], :kept[1], :kept[2]]
+    return out

@@ -28,6 +28,7 @@ import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -36,7 +37,7 @@ from brats_tf.inference import bundle as bundle_lib
 from brats_tf.inference import ensemble
 from brats_tf.inference import predict
 from brats_tf.inference.exported import NetworkShapes, parse_grid, plan_models
-from brats_tf.constants import ORIENTATIONS, OUTPUT_LABEL_MAPS, REGIONS, TILE_SIZE_3D
+from brats_tf.constants import MEMORY_BUDGET_GB, ORIENTATIONS, OUTPUT_LABEL_MAPS, REGIONS, TILE_SIZE_3D
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import Case, Source, discover_cases, load_case
 from brats_tf.io.labels import write_label_map
@@ -199,9 +200,13 @@ def chain_features(chain, inputs, batch_size, cache, dtype=None):
     return cache[key]
 
 
-def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
-    """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model is
-    tiled with output tiles of side <= tile_size (input + 2 * margin), each voxel predicted once."""
+def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, memory_budget_gb=MEMORY_BUDGET_GB):
+    """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model runs
+    layer by layer over the whole grid when its estimate fits `memory_budget_gb` (no voxel
+    of any layer computed twice: inference/layerwise.py), else it is tiled with output tiles
+    of side <= tile_size (input + 2 * margin, each tile recomputing its margin); a network at
+    fixed shapes (a bundle's, --max_grid) is always tiled. Both give the same logits up to
+    float rounding."""
     image = inputs.image_for(model)
     if model.stage == "2d":
         return predict_2d(model, image, batch_size, inputs.present_for(model))
@@ -211,24 +216,37 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache):
             raise ConfigError(f"{model.path}: its 2D models were trained on differently prepared data "
                               f"(grid {features.shape[:3]} vs {image.shape[:3]})")
         image = np.concatenate([np.asarray(image, features.dtype), features], axis=-1)
+    if runs_layerwise(model, image.shape, memory_budget_gb):
+        from brats_tf.inference import layerwise   # imports Keras and the model code
+        return layerwise.predict_layerwise_3d(model.layers_model, image, model.margin, inputs.present_for(model))
     tile = predict.fitted_tile_size(image.shape[:3], tile_size)
     return predict.predict_tiled_3d(model.network, image, tile + 2 * model.margin, tile, batch_size=1,
                                     present=inputs.present_for(model))
 
 
+def runs_layerwise(model, shape, memory_budget_gb=MEMORY_BUDGET_GB):
+    """Whether a 3D model runs layer by layer over a grid of `shape`: a Keras model at the
+    case's own shapes whose estimated peak memory fits the budget (0: never)."""
+    if model.stage != "3d" or model.shapes is not None or not memory_budget_gb:
+        return False
+    from brats_tf.inference import layerwise
+    return layerwise.peak_bytes(model.layers_model, shape, model.margin) <= memory_budget_gb * 2 ** 30
+
+
 def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=ensemble.DEFAULT_THRESHOLDS,
                  save_probabilities=False, save_proportions=False, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D,
-                 allow_missing=None):
+                 allow_missing=None, memory_budget_gb=MEMORY_BUDGET_GB, inputs=None):
     """Segments one case with the plan's models; writes the outputs; returns their paths.
     allow_missing="zero_fill": models trained without sequence dropout run on a case
-    lacking one of their sequences, zero-filled."""
+    lacking one of their sequences, zero-filled. memory_budget_gb: see `predict_model`.
+    inputs: the case's PreparedInputs when already prepared (`prepared_ahead`)."""
     if save_probabilities and any(m.stage == "baseline" for m in plan.final):
         raise ConfigError("--save_probabilities: not available with [S] baseline models")
-    inputs = PreparedInputs(case)
+    inputs = inputs or PreparedInputs(case)
     labels, probability_sum = [], None
     models = plan.final + [m for c in plan.chains if c for m in c.values()]
     _, missing = missing_note(case, models, check_modalities(case, models, allow_missing))
-    for model, model_map, logits in label_maps(inputs, plan, batch_size, tile_size, allow_missing):
+    for model, model_map, logits in label_maps(inputs, plan, batch_size, tile_size, allow_missing, memory_budget_gb):
         labels.append(model_map)
         if save_probabilities:   # a running sum keeps one full-size 4-class volume in memory
             prepared, _ = inputs.prepared(model.info["preprocessing"])
@@ -242,7 +260,8 @@ def segment_case(case, plan, out_dir, label_convention="brats2017", thresholds=e
                          proportions if save_proportions else None, [m.path for m in plan.final], missing)
 
 
-def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, allow_missing=None):
+def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, allow_missing=None,
+               memory_budget_gb=MEMORY_BUDGET_GB):
     """(model, label map on the original grid, logits or None) for each final model of the
     plan, one at a time (a caller can drop each model's logits before the next), after
     checking that the case has every modality the models and their chains need. The 2D
@@ -251,16 +270,18 @@ def label_maps(inputs, plan, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, a
     check_grid(inputs, plan.models())
     feature_cache = {}
     for model, chain in zip(plan.final, plan.chains):
-        labels, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache)
+        labels, logits = model_labels(model, chain, inputs, batch_size, tile_size, feature_cache, memory_budget_gb)
         yield model, labels, logits
 
 
-def model_labels(model, chain, inputs, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, feature_cache=None):
+def model_labels(model, chain, inputs, batch_size=BATCH_SIZE_2D, tile_size=TILE_SIZE_3D, feature_cache=None,
+                 memory_budget_gb=MEMORY_BUDGET_GB):
     """(label map on the case's original grid, logits on the cropped grid or None for an
     [S] baseline) of one final model of a plan."""
     if model.stage == "baseline":
         return baseline_labels(model, inputs), None
-    logits = predict_model(model, chain, inputs, batch_size, tile_size, {} if feature_cache is None else feature_cache)
+    logits = predict_model(model, chain, inputs, batch_size, tile_size, {} if feature_cache is None else feature_cache,
+                           memory_budget_gb)
     prepared, _ = inputs.prepared(model.info["preprocessing"])
     # Tumor only inside the brain: the crop margin and background carry no tumor.
     labels = preprocess.paste(np.where(prepared.brain, np.argmax(logits, -1), 0).astype(np.uint8), prepared.box)
@@ -345,12 +366,41 @@ def _write_case_files(case_id, geometry, labels, out_dir, label_convention, prob
     return written
 
 
+def prepared_ahead(cases, plan):
+    """Each case's PreparedInputs in order, every recipe of the plan's networks prepared;
+    the next case is read and prepared in a background thread while the caller segments
+    the current one (NIfTI decompression and NumPy release the GIL), so several cases do not
+    wait for their reading. A case that fails to load raises when its turn comes."""
+    recipes = {json.dumps(m.info["preprocessing"], sort_keys=True): m.info["preprocessing"]
+               for m in plan.models() if m.stage != "baseline"}
+
+    def prepare(case):
+        inputs = PreparedInputs(case)
+        for recipe in recipes.values():
+            inputs.prepared(recipe)
+        return inputs
+    return ahead(cases, prepare)
+
+
+def ahead(items, work):
+    """work(item) for each item in order, the next one computed in a background thread
+    while the caller uses the current result."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(work, items[0]) if items else None
+        for index in range(len(items)):
+            current = pending.result()
+            pending = pool.submit(work, items[index + 1]) if index + 1 < len(items) else None
+            yield current
+
+
 def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_file=None, case_id=None,
-            mask=None, verbose=True, bundle=None, max_grid=None, **options):
+            mask=None, verbose=True, bundle=None, max_grid=None, precision="fp32", **options):
     """Segments the case(s) in `case_dir` (any layout) or the explicit `files` with exported
     `models` or a model `bundle` folder; returns [(case_id, written paths)]. `max_grid`
     (X,Y,Z): run `models` at the fixed shapes of a bundle exported with it (and the same
-    tile_size and batch_size). options: see `segment_case` (None: the default, or the bundle's)."""
+    tile_size and batch_size). precision: "fp32" or "bf16", the models' inner layers
+    (models/precision.py; a bundle's SavedModels run as exported). options: see
+    `segment_case` (None: the default, or the bundle's)."""
     if bool(case_dir) == bool(files and any(files.values())):
         raise ConfigError("give either --case_dir or modality files (--t1 --t1c --t2 --flair), not both")
     if bool(models) == bool(bundle):
@@ -359,6 +409,9 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
     if bundle:
         if max_grid is not None:
             raise ConfigError("--max_grid: a bundle's network shapes were fixed at export (bundle.json \"shapes\")")
+        if precision != "fp32":
+            raise ConfigError(f"--precision={precision}: a bundle's SavedModels run in the float32 they were "
+                              f"exported in; use --models for {precision}")
         loaded = bundle_lib.load_bundle(bundle)   # verifies every file's sha256 first
         plan, options = loaded.plan, loaded.segment_options(options)
     ensemble.parse_thresholds(options.get("thresholds", ensemble.DEFAULT_THRESHOLDS))   # fail early
@@ -367,7 +420,7 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
         shapes = None if max_grid is None else NetworkShapes(parse_grid(max_grid),
                                                              options.get("tile_size", TILE_SIZE_3D),
                                                              options.get("batch_size", BATCH_SIZE_2D))
-        plan = plan_models(models, shapes)
+        plan = plan_models(models, shapes, precision)
     models = plan.final + [m for c in plan.chains if c for m in c.values()]
     notes = {}
     for case in cases:   # refuse before any heavy work
@@ -377,10 +430,11 @@ def segment(models, out_dir, case_dir=None, files=None, layout="auto", layout_fi
     # One live writer per output folder; the lock lies beside it, so a refused case leaves no folder.
     with locks.hold(f"{os.path.abspath(out_dir)}.lock", os.path.abspath(out_dir)):
         _remove_staging(out_dir)
-        for case in cases:
+        for inputs in prepared_ahead(cases, plan):
+            case = inputs.case
             if verbose and notes[case.case_id]:
                 print(notes[case.case_id], flush=True)
-            written = segment_case(case, plan, out_dir, **options)
+            written = segment_case(case, plan, out_dir, inputs=inputs, **options)
             results.append((case.case_id, written))
             if verbose:
                 print(f"{case.case_id}: {written['seg']}", flush=True)
