@@ -7,34 +7,54 @@
              240x240x155 phantom; --phantom_shape: a phantom of that shape, always)
   network    each network of the six-model 2D-3D ensemble, run over the whole case by the
              project's own inference code (2D: `pipeline.predict_2d`, slice batches;
-             3D: `pipeline.predict_model`, tiled by `predict_tiled_3d`): 2D model 1 and 2D
-             model 2 per orientation, then 2D-3D models A, B, C (on model-1 features; on
-             model-2 features they cost the same)
+             3D: `pipeline.predict_model`: layer by layer over the whole grid when its memory
+             estimate fits --memory_budget_gb, "method": "layerwise", else tiled by
+             `predict_tiled_3d`, "method": "tiled"): 2D model 1 and 2D model 2 per
+             orientation, then 2D-3D models A, B, C (on model-1 features; on model-2 features
+             they cost the same)
   ensemble   the whole six-model `segment` run (`pipeline.segment_case`), files written
   train      (item 7) one training iteration (N accumulated batches, N from the preset's
              config) of 2D model 1 and of 3D model A: FLOPs of forward + backward (the loss
              gradient, no optimizer) x N; seconds and share of peak with --train
   summary    the last line
 
-FLOPs: counted from the graph of a fixed-shape concrete function of each network
-(bench/flops.py, TensorFlow's profiler: a multiply-add = 2 FLOPs) at every input shape the
-inference code called it with; the calls are counted by wrapping each network while the
-project's code runs (no tiling or batching re-implemented here). `predict.compiled` pads a
-last, smaller batch to the largest batch seen so far, so the FLOPs are those executed at
-that padded shape; `useful_share` is the share of the computed output voxels that lie in
-the case's cropped grid (the rest is padding: slices rounded up to the pooling multiple,
-3D tiles past the grid, padded batches).
+Precision: --precision runs every inference network in it (models/precision.py: bf16 =
+bfloat16 inner layers, float32 logits); inference shares of peak are against that
+precision's measured peak (bf16: against fp32 when no bf16 peak was measured, with a
+`peak_note`). Training runs in float32, its shares against the fp32 peak.
+
+FLOPs: counted from the graph of a fixed-shape concrete function (bench/flops.py,
+TensorFlow's profiler: a multiply-add = 2 FLOPs) of what the inference code ran, recorded
+while it runs (no tiling, batching or blocking re-implemented here):
+- 2D and tiled 3D: each network is wrapped and its calls' input shapes recorded; FLOPs of
+  the network at each shape. `predict.compiled` pads a last, smaller batch to the largest
+  batch seen so far, so the FLOPs are those executed at that padded shape;
+- layer-wise 3D: each `layerwise.predict_layerwise_3d` run is recorded (model, volume
+  shape) and its blocks listed by `layerwise.block_calls`; FLOPs = sum over windowed layers
+  of blocks x FLOPs of one block call of the layer (counted once per layer and block
+  shape). The per-voxel layers between them (crops, concatenations, channel selection)
+  are not counted: they do no or negligible arithmetic. `calls` = blocks, `traces` =
+  distinct (layer, block shape), `flops_per_call` null, `input_shape` the whole padded
+  volume, `estimate_mb` the memory estimate compared with the budget.
+`useful_share` is the share of the computed output voxels that lie in the case's cropped
+grid (the rest is padding: slices rounded up to the pooling multiple, 3D tiles past the
+grid, padded batches; layer-wise: the last blocks of the logits layer past the grid; the
+padded last blocks of inner layers, and the sides a dilated convolution rounds up to its
+dilation, are in the FLOPs but not in this share).
 Seconds: `first_s` is the first run over the case (loading and tracing included), `warm_s`
 the second; `network_s` the time inside the network calls of the warm run (the rest is
-NumPy slicing, padding and pasting). Weights are random (speed only). Every line carries
-the peak RSS of the process so far (ru_maxrss).
+NumPy slicing, padding and pasting; layer-wise: the time inside `predict_layerwise_3d`,
+which includes its own block slicing and pasting). Weights are random (speed only). Every
+line carries the peak RSS of the process so far (ru_maxrss). --dry_run: no network runs
+(zeros come back; a layer-wise model is not run at all), FLOPs and calls only.
 
     python -m bench.bench_inference [--preset small|paper] [--tile_size 64] [--train]
         [--phantom_shape 64,64,48] [--peak_size 4096] [--networks model1_axial,A] [--skip_ensemble]
-        [--dry_run]
+        [--memory_budget_gb 8] [--precision fp32|bf16] [--dry_run]
 """
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -52,8 +72,8 @@ from bench import flops
 from bench.bench_3d import PREPROCESSING, REAL_CASE, Given, export_2d, export_3d
 from brats_tf import preprocess
 from brats_tf.configs import train2d, train3d
-from brats_tf.constants import ORIENTATIONS, TILE_SIZE_3D
-from brats_tf.inference import exported, predict
+from brats_tf.constants import MEMORY_BUDGET_GB, ORIENTATIONS, PRECISIONS, TILE_SIZE_3D
+from brats_tf.inference import exported, layerwise, predict
 from brats_tf.inference import pipeline as segmentation
 from brats_tf.inference.features import FeatureExtractor
 from brats_tf.io.cases import discover_cases, load_case
@@ -102,9 +122,19 @@ def measure_peak(n, repeats):
         bf16, note = None, f"bf16 matmul failed: {type(err).__name__}"
     else:
         note = None if bf16 > fp32 else f"bf16 measured {bf16:.1f} GFLOP/s, not faster than fp32"
+    bf16 = None if note else bf16
     emit(what="peak", matrix=n, repeats=repeats, fp32_gflops=round(fp32, 1),
-         bf16_gflops=None if note else round(bf16, 1), note=note)
-    return fp32
+         bf16_gflops=None if bf16 is None else round(bf16, 1), note=note)
+    return fp32, bf16
+
+
+def inference_peak(precision, fp32, bf16):
+    """(the peak inference shares are against, a note or None)."""
+    if precision != "bf16":
+        return fp32, None
+    if bf16 is None:
+        return fp32, "no bf16 peak above fp32 measured: bf16 shares are against the fp32 peak"
+    return bf16, None
 
 
 # --- counting the calls the project's code makes -----------------------------------------------------
@@ -153,27 +183,94 @@ def counted(model, table, dry):
     return model._network
 
 
+class LayerwiseRuns:
+    """Stands in for `layerwise.predict_layerwise_3d` (see `recording_layerwise`): records
+    each run's Keras model and volume shape and the time spent inside. dry: nothing runs;
+    zero logits of the volume's grid come back."""
+
+    def __init__(self, original, dry=False):
+        self.original, self.dry = original, dry
+        self.reset()
+
+    def reset(self):
+        self.runs, self.seconds = [], 0.0
+
+    def __call__(self, model, volume, margin, *args, **kwargs):
+        self.runs.append((model, tuple(np.shape(volume)), margin))
+        if self.dry:
+            return np.zeros(np.shape(volume)[:3] + (int(model.outputs[0].shape[-1]),), np.float32)
+        start = time.perf_counter()
+        result = self.original(model, volume, margin, *args, **kwargs)
+        self.seconds += time.perf_counter() - start
+        return result
+
+    def of(self, models):
+        """{ExportedModel path: [(Keras model, volume shape, margin)]} of the recorded runs."""
+        paths = {id(m._layers): m.path for m in models if m._layers is not None}
+        by_path = {}
+        for run in self.runs:
+            by_path.setdefault(paths[id(run[0])], []).append(run)
+        return by_path
+
+
+@contextlib.contextmanager
+def recording_layerwise(dry):
+    """The pipeline imports `layerwise` and calls its `predict_layerwise_3d` at each run:
+    replaced by a recording LayerwiseRuns while the block runs."""
+    runs = LayerwiseRuns(layerwise.predict_layerwise_3d, dry)
+    layerwise.predict_layerwise_3d = runs
+    try:
+        yield runs
+    finally:
+        layerwise.predict_layerwise_3d = runs.original
+
+
 class FlopTable:
-    """FLOPs per (model file, input shape), each counted once from the model's graph."""
+    """FLOPs per (model file, precision, input shape) and per (model file, layer, block
+    shape), each counted once from the graph."""
 
     def __init__(self):
-        self.networks, self.counts = {}, {}
+        self.networks, self.counts, self.blocks = {}, {}, {}
 
     def per_call(self, model, shape):
-        key = (model.path, shape)
+        key = (model.path, model.precision, shape)
         if key not in self.counts:
-            if model.path not in self.networks:   # the network inference runs (2D: main head only)
-                self.networks[model.path] = exported.load_network(model.path, model.stage)
-            self.counts[key] = flops.model_call_flops(self.networks[model.path], shape)
+            if key[:2] not in self.networks:   # the network inference runs (2D: main head only)
+                self.networks[key[:2]] = exported.load_network(model.path, model.stage, model.precision)
+            self.counts[key] = flops.model_call_flops(self.networks[key[:2]], shape)
         return self.counts[key]
 
     def of_calls(self, model, calls):
-        """(FLOPs, computed output voxels, first call's FlopCount) of the recorded calls."""
+        """(FLOPs, computed output voxels, first call's FlopCount or None) of the recorded calls."""
         total, voxels = 0, 0
         for in_shape, out_shape in calls.shapes:
             total += self.per_call(model, in_shape).total
             voxels += int(np.prod(out_shape[:-1]))
-        return total, voxels, self.per_call(model, calls.shapes[0][0])
+        return total, voxels, self.per_call(model, calls.shapes[0][0]) if calls.shapes else None
+
+    def per_block(self, path, layer, shape):
+        key = (path, layer.name, shape)   # layer names are unique within a model
+        if key not in self.blocks:
+            self.blocks[key] = flops.count_flops(lambda x: layer(x), tf.TensorSpec(shape))
+        return self.blocks[key]
+
+    def of_layerwise(self, path, runs):
+        """Of a model's recorded layer-wise runs: FLOPs, computed output voxels (the logits
+        layer's blocks), blocks, distinct (layer, block shape), uncounted op types."""
+        total = voxels = blocks = 0
+        distinct, uncounted = set(), {}
+        for keras_model, shape, margin in runs:
+            calls = layerwise.block_calls(keras_model, shape, margin)
+            for layer, block_shape, count in calls:
+                one = self.per_block(path, layer, block_shape)
+                total, blocks = total + count * one.total, blocks + count
+                if (layer.name, block_shape) not in distinct:
+                    distinct.add((layer.name, block_shape))
+                    for op, n in one.uncounted.items():
+                        uncounted[op] = uncounted.get(op, 0) + n
+            layer, block_shape, count = calls[-1]   # the logits layer
+            voxels += count * int(np.prod(self.per_block(path, layer, block_shape).outputs[0][1:4]))
+        return {"flops": total, "voxels": voxels, "blocks": blocks, "traces": len(distinct), "uncounted": uncounted}
 
 
 def rounded(seconds):
@@ -218,19 +315,27 @@ def run_twice(fn, calls, dry=False):
     return first, time.perf_counter() - start, sum(c.seconds for c in calls)
 
 
-def bench_networks(triples, three_d, prepared, preset, tile_size, table, peak, dry, wanted):
+def load(path, precision):
+    """An exported model, in `precision` before its first use."""
+    model = exported.load_exported(path)
+    model.precision = precision
+    return model
+
+
+def bench_networks(triples, three_d, prepared, options, table, peak, wanted):
     """One line per network (those named in `wanted`); returns [share of peak], model A's warm s."""
     grid = int(np.prod(prepared.box.shape))
+    dry = options.dry_run
     results, model_a_s = [], None
     for kind in KINDS_2D:
         for orientation in ORIENTATIONS:
             if f"{kind}_{orientation}" not in wanted:
                 continue
-            model = exported.load_exported(triples[kind][orientation])
+            model = load(triples[kind][orientation], options.precision)
             calls = counted(model, table, dry)
             first, warm, inside = run_twice(
                 lambda: segmentation.predict_2d(model, prepared.image, segmentation.BATCH_SIZE_2D), [calls], dry)
-            results.append(network_line(f"{kind}_{orientation}", "2d", model, calls, table, grid, preset,
+            results.append(network_line(f"{kind}_{orientation}", "2d", model, calls, table, grid, options,
                                         first, warm, inside, peak))
             del model, calls
             gc.collect()
@@ -242,47 +347,74 @@ def bench_networks(triples, three_d, prepared, preset, tile_size, table, peak, d
         features = FeatureExtractor(triples["model1"]).extract(prepared.image).astype(np.float16)
     volume = Given(np.concatenate([prepared.image.astype(np.float16), features], axis=-1))
     for kind in (k for k in KINDS_3D if k in wanted):
-        model = exported.load_exported(three_d[(kind, "model1")])
+        model = load(three_d[(kind, "model1")], options.precision)
+        run = (model, None, volume, segmentation.BATCH_SIZE_2D, options.tile_size, {})
         calls = counted(model, table, dry)
-        first, warm, inside = run_twice(
-            lambda: segmentation.predict_model(model, None, volume, segmentation.BATCH_SIZE_2D, tile_size, {}),
-            [calls], dry)
-        results.append(network_line(kind, "3d", model, calls, table, grid, preset, first, warm, inside, peak,
-                                    tile=predict.fitted_tile_size(prepared.box.shape, tile_size),
-                                    features="model1"))
+        with recording_layerwise(dry) as runs:
+            first, warm, inside = run_twice(
+                lambda: segmentation.predict_model(*run, memory_budget_gb=options.memory_budget_gb),
+                [calls, runs], dry)
+        if segmentation.runs_layerwise(model, volume.volume.shape, options.memory_budget_gb, options.tile_size):
+            results.append(layerwise_line(kind, model, runs, table, grid, options, first, warm, inside, peak,
+                                          volume.volume.shape))
+        else:
+            results.append(network_line(kind, "3d", model, calls, table, grid, options, first, warm, inside, peak,
+                                        method="tiled", tile=predict.fitted_tile_size(prepared.box.shape,
+                                                                                      options.tile_size),
+                                        features="model1"))
         if kind == "A":
             model_a_s = warm
-        del model, calls
+        del model, calls, runs
         gc.collect()
     return results, model_a_s
 
 
-def network_line(name, stage, model, calls, table, grid, preset, first, warm, inside, peak, **extra):
+def network_line(name, stage, model, calls, table, grid, options, first, warm, inside, peak, **extra):
     total, voxels, one = table.of_calls(model, calls)
-    line = {"what": "network", "network": name, "stage": stage, "preset": preset, "calls": len(calls.shapes),
-            "traces": calls.traces(), "input_shape": list(calls.shapes[0][0]), "flops_per_call": one.total, **extra,
-            **rates(total, warm, peak), "useful_share": round(grid / voxels, 4), "first_s": rounded(first),
-            "warm_s": rounded(warm), "network_s": rounded(inside), "uncounted_ops": one.uncounted}
+    line = {"what": "network", "network": name, "stage": stage, "preset": options.preset,
+            "precision": options.precision, "calls": len(calls.shapes), "traces": calls.traces(),
+            "input_shape": list(calls.shapes[0][0]), "flops_per_call": one.total, **extra, **rates(total, warm, peak),
+            "useful_share": round(grid / voxels, 4), "first_s": rounded(first), "warm_s": rounded(warm),
+            "network_s": rounded(inside), "uncounted_ops": one.uncounted}
     emit(**line)
     return line["share_of_peak"]
 
 
-def bench_ensemble(case, triples, three_d, workdir, preset, tile_size, table, peak, dry):
+def layerwise_line(name, model, runs, table, grid, options, first, warm, inside, peak, shape):
+    """A 3D network run layer by layer: FLOPs of its blocks (`FlopTable.of_layerwise`)."""
+    count = table.of_layerwise(model.path, runs.of([model])[model.path])
+    estimate = layerwise.peak_bytes(model.layers_model, shape, model.margin)
+    line = {"what": "network", "network": name, "stage": "3d", "preset": options.preset,
+            "precision": options.precision, "method": "layerwise", "block": layerwise.DEFAULT_BLOCK,
+            "estimate_mb": round(estimate / 2 ** 20, 1), "calls": count["blocks"], "traces": count["traces"],
+            "input_shape": [1, *(n + 2 * model.margin for n in shape[:3]), shape[3]], "flops_per_call": None,
+            "features": "model1", **rates(count["flops"], warm, peak), "useful_share": round(grid / count["voxels"], 4),
+            "first_s": rounded(first), "warm_s": rounded(warm), "network_s": rounded(inside),
+            "uncounted_ops": count["uncounted"]}
+    emit(**line)
+    return line["share_of_peak"]
+
+
+def bench_ensemble(case, triples, three_d, workdir, options, table, peak):
     paths = [p for triple in triples.values() for p in triple.values()] + list(three_d.values())
-    plan = exported.plan_models(paths)
+    plan = exported.plan_models(paths, precision=options.precision)
     models = plan.models()
+    dry = options.dry_run
     calls = [counted(m, table, dry) for m in models]
     out = Path(workdir) / "out"
-    first, warm, inside = run_twice(lambda: segmentation.segment_case(case, plan, out, tile_size=tile_size),
-                                    calls, dry)
-    total = voxels = 0
-    for model, c in zip(models, calls):
-        f, v, _ = table.of_calls(model, c)
-        total, voxels = total + f, voxels + v
-    emit(what="ensemble", preset=preset, final_models=len(plan.final), networks=len(models),
-         calls=sum(len(c.shapes) for c in calls), tile_size=tile_size, **rates(total, warm, peak),
-         traces=sum(c.traces() for c in calls), first_s=rounded(first), warm_s=rounded(warm),
-         network_s=rounded(inside))
+    with recording_layerwise(dry) as runs:
+        first, warm, inside = run_twice(
+            lambda: segmentation.segment_case(case, plan, out, tile_size=options.tile_size,
+                                              memory_budget_gb=options.memory_budget_gb), calls + [runs], dry)
+    total = sum(table.of_calls(model, c)[0] for model, c in zip(models, calls))
+    layered = [table.of_layerwise(path, r) for path, r in runs.of(models).items()]
+    total += sum(c["flops"] for c in layered)
+    emit(what="ensemble", preset=options.preset, precision=options.precision, final_models=len(plan.final),
+         networks=len(models), layerwise_runs=len(runs.runs), calls=sum(len(c.shapes) for c in calls)
+         + sum(c["blocks"] for c in layered), tile_size=options.tile_size,
+         memory_budget_gb=options.memory_budget_gb, **rates(total, warm, peak),
+         traces=sum(c.traces() for c in calls) + sum(c["traces"] for c in layered), first_s=rounded(first),
+         warm_s=rounded(warm), network_s=rounded(inside))
     return warm, None if dry else total / warm / 1e9 / peak
 
 
@@ -312,7 +444,8 @@ def bench_training(preset, slice_shape, timed, peak):
 
         n = int(config.optim.accumulation_steps)
         count = flops.gradient_flops(model, x_shape, y_shape, total_loss)
-        line = {"what": "train", "model": name, "preset": preset, "batch_shape": list(x_shape), "N": n,
+        line = {"what": "train", "model": name, "preset": preset, "precision": "fp32", "batch_shape": list(x_shape),
+                "N": n,
                 "flops_per_batch": count.total, "profiler_flops": count.profiler, "added_flops": count.added,
                 "forward_flops_per_batch": flops.model_call_flops(model, x_shape).total,
                 "uncounted_ops": count.uncounted, "iteration_gflop": round(n * count.total / 1e9, 3)}
@@ -352,6 +485,11 @@ def main():
     parser.add_argument("--train", action="store_true", help="also time one training iteration (else FLOPs only)")
     parser.add_argument("--dry_run", action="store_true",
                         help="count calls and FLOPs only: networks are not run (zeros come back), no seconds")
+    parser.add_argument("--memory_budget_gb", type=float, default=MEMORY_BUDGET_GB,
+                        help="a 3D model runs layer by layer when its memory estimate fits this (GB), else "
+                             "tiled; 0: always tiled (as segment)")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="the inference networks' precision (as segment); training stays fp32")
     args = parser.parse_args()
     phantom_shape = synthetic.parse_shape(args.phantom_shape)
     wanted = {n for n in args.networks.split(",") if n}
@@ -360,7 +498,8 @@ def main():
     emit(what="env", tf=tf.__version__, python=sys.version.split()[0], cpus=os.cpu_count(),
          machine=platform.processor() or platform.machine(),
          threads_intra=tf.config.threading.get_intra_op_parallelism_threads())
-    peak = measure_peak(args.peak_size, args.peak_repeats)
+    peak_fp32, peak_bf16 = measure_peak(args.peak_size, args.peak_repeats)
+    peak, peak_note = inference_peak(args.precision, peak_fp32, peak_bf16)
     table = FlopTable()
     with tempfile.TemporaryDirectory() as workdir:
         case, source = the_case(workdir, phantom_shape)
@@ -371,17 +510,17 @@ def main():
              cropped=list(prepared.box.shape))
         del loaded
         triples, three_d = export_models(args.preset, workdir)
-        shares, model_a_s = bench_networks(triples, three_d, prepared, args.preset, args.tile_size, table, peak,
-                                           args.dry_run, wanted)
+        shares, model_a_s = bench_networks(triples, three_d, prepared, args, table, peak, wanted)
         ensemble_s = None
         if not args.skip_ensemble:
-            ensemble_s, share = bench_ensemble(case, triples, three_d, workdir, args.preset, args.tile_size,
-                                               table, peak, args.dry_run)
+            ensemble_s, share = bench_ensemble(case, triples, three_d, workdir, args, table, peak)
             shares.append(share)
         multiple = unet2d.pooling_factor("model1", args.preset)
         slice_shape = tuple(padded_size(n, multiple) for n in prepared.box.shape[:2])   # axial slices of the case
-        shares += bench_training(args.preset, slice_shape, args.train and not args.dry_run, peak)
-    emit(what="summary", preset=args.preset, precision="fp32", source=source, peak_fp32_gflops=round(peak, 1),
+        shares += bench_training(args.preset, slice_shape, args.train and not args.dry_run, peak_fp32)
+    emit(what="summary", preset=args.preset, precision=args.precision, memory_budget_gb=args.memory_budget_gb,
+         source=source, peak_fp32_gflops=round(peak_fp32, 1),
+         peak_bf16_gflops=None if peak_bf16 is None else round(peak_bf16, 1), peak_note=peak_note,
          ensemble_s=None if ensemble_s is None else round(ensemble_s, 3),
          model_a_s=None if model_a_s is None else round(model_a_s, 3),
          min_share_of_peak=min((round(s, 4) for s in shares if s is not None), default=None),

@@ -98,15 +98,22 @@ def test_conv3d_gradients_are_added():
     assert grads.total == grads.profiler + grads.added
 
 
-@pytest.mark.slow   # a whole (tiny) ensemble run: ~30 s
-def test_bench_inference_smoke():
+def bench_lines(*args):
+    # 8³ output tiles: the phantom's grid needs several, so the 3D models run layer by layer
     result = run_module("bench.bench_inference", "--preset", "small", "--phantom_shape", "24,24,16",
-                        "--peak_size", "256", "--peak_repeats", "1")
+                        "--tile_size", "8", "--peak_size", "256", "--peak_repeats", "1", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
     assert lines[-1]["what"] == "summary"
+    return lines
+
+
+@pytest.mark.slow   # a whole (tiny) ensemble run, and a dry tiled one: ~60 s
+def test_bench_inference_smoke():
+    lines = bench_lines()
     summary = lines[-1]
-    for key in ("preset", "precision", "ensemble_s", "model_a_s", "min_share_of_peak", "peak_rss_mb"):
+    for key in ("preset", "precision", "ensemble_s", "model_a_s", "min_share_of_peak", "peak_rss_mb",
+                "memory_budget_gb", "peak_fp32_gflops", "peak_bf16_gflops"):
         assert key in summary
     assert summary["preset"] == "small" and summary["precision"] == "fp32"
     assert summary["ensemble_s"] > 0 and summary["model_a_s"] > 0
@@ -115,9 +122,14 @@ def test_bench_inference_smoke():
     networks = {line["network"]: line for line in lines if line["what"] == "network"}
     assert set(networks) == {f"{k}_{o}" for k in ("model1", "model2") for o in ("axial", "coronal", "sagittal")} \
         | {"A", "B", "C"}
+    # 3D: layer by layer under the default memory budget (calls = blocks, no single call's FLOPs)
+    assert {networks[k]["method"] for k in "ABC"} == {"layerwise"}
     for line in networks.values():
-        assert line["flops_per_call"] > 0 and line["calls"] >= 1 and line["warm_s"] > 0
-        assert line["gflop"] * 1e9 == pytest.approx(line["calls"] * line["flops_per_call"], rel=1e-3)
+        assert line["gflop"] > 0 and line["calls"] >= 1 and line["warm_s"] > 0
+        if line.get("method") == "layerwise":
+            assert line["flops_per_call"] is None and line["estimate_mb"] > 0 and 0 < line["useful_share"] <= 1
+        else:
+            assert line["gflop"] * 1e9 == pytest.approx(line["calls"] * line["flops_per_call"], rel=1e-3)
     ensemble = next(line for line in lines if line["what"] == "ensemble")
     # the six 2D networks run once each (features cached per chain), A/B/C twice (two feature sets)
     expected = sum(n["gflop"] for n in networks.values()) + sum(networks[k]["gflop"] for k in "ABC")
@@ -125,3 +137,13 @@ def test_bench_inference_smoke():
     train = {line["model"]: line for line in lines if line["what"] == "train"}
     assert set(train) == {"model1", "A"}
     assert train["A"]["added_flops"] > 0   # the 3D convolution gradients
+
+    # budget 0: the 3D networks are tiled; a dry run (nothing runs) counts their FLOPs
+    dry = bench_lines("--memory_budget_gb", "0", "--dry_run", "--networks", "A,B,C", "--skip_ensemble",
+                      "--precision", "bf16")
+    assert dry[-1]["precision"] == "bf16" and dry[-1]["memory_budget_gb"] == 0 and dry[-1]["dry_run"]
+    tiled = {line["network"]: line for line in dry if line["what"] == "network"}
+    assert set(tiled) == {"A", "B", "C"} and {line["method"] for line in tiled.values()} == {"tiled"}
+    for kind, line in tiled.items():   # a tile recomputes its margin; layer by layer, no voxel is computed twice
+        assert line["gflop"] * 1e9 == pytest.approx(line["calls"] * line["flops_per_call"], rel=1e-3)
+        assert line["gflop"] > networks[kind]["gflop"]

@@ -105,3 +105,18 @@ def test_bf16_precision_computes_inner_layers_in_bfloat16_with_float32_logits():
         error = np.abs(logits - reference).max() / np.abs(reference).max()
         assert 0 < error < 0.05, error   # bfloat16 keeps 8 significant bits: not float32, not far off
     assert peak_bytes(model, volume.shape, unet3d.MARGIN) < peak_bytes(_small_3d(), volume.shape, unet3d.MARGIN)
+
+
+def test_layerwise_inference_of_many_cases_logs_no_retracing_warning(caplog):
+    """Cases of different shapes reuse each layer's traced function (shape-relaxed): no
+    "triggered tf.function retracing" warning however many cases a segment run takes."""
+    import logging
+    from brats_tf.inference.layerwise import predict_layerwise_3d
+    from brats_tf.models import unet3d
+    model = _small_3d()
+    with caplog.at_level(logging.WARNING, logger="tensorflow"):
+        for i, shape in enumerate([(20, 22, 18), (24, 20, 18), (18, 26, 20), (22, 22, 22), (26, 18, 16), (20, 20, 20)]):
+            volume = np.random.default_rng(i).normal(size=shape + (5,)).astype(np.float32)
+            # default blocks: one per layer and case, so each case would trace every layer again
+            assert predict_layerwise_3d(model, volume, unet3d.MARGIN).shape == shape + (4,)
+    assert not [r for r in caplog.records if "retracing" in r.getMessage()]

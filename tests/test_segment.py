@@ -124,15 +124,17 @@ def _chain_and_standard(models, **options):
 
 
 def test_3d_models_run_layer_by_layer_within_the_memory_budget_else_tiled(models):
-    """The default budget takes the layer-wise path for these small grids, budget 0 (and a
-    budget below the estimate) the tiled one; both give the same logits and label maps."""
+    """A grid that needs several tiles runs layer-wise within the default budget; budget 0,
+    a budget below the estimate, or a grid within one tile runs tiled; both give the same
+    logits and label maps."""
     case = pipeline.cases_from_dir(models["data"] / "Case_3")[0]
     plan = _chain_and_standard(models)
     shape = pipeline.PreparedInputs(case).image_for(plan.final[0]).shape
     for model in plan.final:
-        assert pipeline.runs_layerwise(model, shape)
-        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=0)
-        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=1e-4)
+        assert pipeline.runs_layerwise(model, shape, tile_size=16)
+        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=0, tile_size=16)
+        assert not pipeline.runs_layerwise(model, shape, memory_budget_gb=1e-4, tile_size=16)
+        assert not pipeline.runs_layerwise(model, shape, tile_size=max(shape[:3]))   # one tile: nothing to save
     layerwise = list(pipeline.label_maps(pipeline.PreparedInputs(case), plan, tile_size=16))
     tiled = list(pipeline.label_maps(pipeline.PreparedInputs(case), plan, tile_size=16, memory_budget_gb=0))
     for (_, labels, logits), (_, tiled_labels, tiled_logits) in zip(layerwise, tiled, strict=True):

@@ -17,7 +17,9 @@ Cropping3D, Concatenate, and per-voxel layers); the result equals tiled inferenc
 float rounding (tests/test_inference.py).
 """
 
+import functools
 import math
+import weakref
 
 import keras
 import numpy as np
@@ -186,13 +188,26 @@ def _halo(layer):
     return None
 
 
+_TRACED = weakref.WeakKeyDictionary()   # layer -> its traced function, kept across volumes and cases
+
+
+def _traced(layer):
+    """One tf.function per layer, for every volume: a partial, so TensorFlow counts its
+    traces per layer (every Conv3D shares `__call__`'s code object, and their summed traces
+    printed "triggered tf.function retracing" warnings); reduce_retracing, so cases of other
+    shapes reuse a shape-relaxed trace instead of tracing each layer again per case."""
+    if layer not in _TRACED:
+        _TRACED[layer] = tf.function(functools.partial(layer), reduce_retracing=True)
+    return _TRACED[layer]
+
+
 def _blockwise(layer, x, halo, block, on_block=None):
     """The layer's output over the whole of `x` (1, X, Y, Z, C), block by block: equal output
     blocks (the last ones padded past the end, then cut), each from its input block plus
     the layer's halo; one traced function per layer (every call has the same shape)."""
     out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
     sides, counts = _block_grid(out_shape, block)
-    function = tf.function(layer, reduce_retracing=False)
+    function = _traced(layer)
     out = None
     for i in range(counts[0]):
         for j in range(counts[1]):

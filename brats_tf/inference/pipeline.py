@@ -202,8 +202,9 @@ def chain_features(chain, inputs, batch_size, cache, dtype=None):
 
 def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, memory_budget_gb=MEMORY_BUDGET_GB):
     """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model runs
-    layer by layer over the whole grid when its estimate fits `memory_budget_gb` (no voxel
-    of any layer computed twice: inference/layerwise.py), else it is tiled with output tiles
+    layer by layer over the whole grid when the grid needs several tiles and its estimate
+    fits `memory_budget_gb` (no voxel of any layer computed twice: inference/layerwise.py),
+    else it is tiled with output tiles
     of side <= tile_size (input + 2 * margin, each tile recomputing its margin); a network at
     fixed shapes (a bundle's, --max_grid) is always tiled. Both give the same logits up to
     float rounding."""
@@ -216,7 +217,7 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, me
             raise ConfigError(f"{model.path}: its 2D models were trained on differently prepared data "
                               f"(grid {features.shape[:3]} vs {image.shape[:3]})")
         image = np.concatenate([np.asarray(image, features.dtype), features], axis=-1)
-    if runs_layerwise(model, image.shape, memory_budget_gb):
+    if runs_layerwise(model, image.shape, memory_budget_gb, tile_size):
         from brats_tf.inference import layerwise   # imports Keras and the model code
         return layerwise.predict_layerwise_3d(model.layers_model, image, model.margin, inputs.present_for(model))
     tile = predict.fitted_tile_size(image.shape[:3], tile_size)
@@ -224,10 +225,14 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, me
                                     present=inputs.present_for(model))
 
 
-def runs_layerwise(model, shape, memory_budget_gb=MEMORY_BUDGET_GB):
+def runs_layerwise(model, shape, memory_budget_gb=MEMORY_BUDGET_GB, tile_size=TILE_SIZE_3D):
     """Whether a 3D model runs layer by layer over a grid of `shape`: a Keras model at the
-    case's own shapes whose estimated peak memory fits the budget (0: never)."""
+    case's own shapes, a grid that needs more than one tile (in one tile nothing is computed
+    twice, and one call beats a call per layer and block), and an estimated peak memory
+    that fits the budget (0: never)."""
     if model.stage != "3d" or model.shapes is not None or not memory_budget_gb:
+        return False
+    if all(n <= tile_size for n in shape[:3]):
         return False
     from brats_tf.inference import layerwise
     return layerwise.peak_bytes(model.layers_model, shape, model.margin) <= memory_budget_gb * 2 ** 30
