@@ -3,6 +3,14 @@
   env        versions, cores
   peak       the machine's matmul peak, measured in this run: fp32 (and bf16, null when
              bf16 is not faster than fp32 or not supported), best of a few n x n matmuls
+  monai      with --anchor_python PATH (issue 14 item 6): the anchor, MONAI's SegResNet in the
+             setting of MONAI's brats_mri_segmentation bundle (PyTorch, CPU, fp32), run as
+             `PATH bench/bench_monai.py` in its own environment (bench/requirements-anchor.txt)
+             on the same case (the real one, or a phantom of the same shape: its own random
+             volume), its line passed through as it printed it (its peak RSS is its own
+             process's); --anchor_roi: its sliding-window size (default the bundle's
+             240,240,160). A failed run: one line {"what": "monai", "error": ...}, and the
+             bench goes on
   case       the case used (the real BraTS 2023 case if ../shared is there, else a
              240x240x155 phantom; --phantom_shape: a phantom of that shape, always)
   network    each network of the six-model 2D-3D ensemble, run over the whole case by the
@@ -17,6 +25,15 @@
              config) of 2D model 1 and of 3D model A: FLOPs of forward + backward (the loss
              gradient, no optimizer) x N; seconds and share of peak with --train
   summary    the last line
+
+Against MONAI (with --anchor_python): every network and ensemble line carries
+`gflop_per_s_vs_monai` (its warm GFLOP/s over MONAI's warm GFLOP/s) and `seconds_vs_monai`
+(its warm seconds over MONAI's warm seconds for the whole sliding-window inference of the
+case: one of our networks, or our whole six-model ensemble, against their one model); null
+when MONAI failed. The summary: `monai_s`, `monai_gflop_per_s`, `monai_share_of_peak`
+(against torch's own fp32 matmul peak, measured in its run), `gflop_per_s_ratio_to_monai`
+and `seconds_ratio_to_monai` of the ensemble, `model_a_gflop_per_s_ratio_to_monai` and
+`model_a_seconds_ratio_to_monai` of 2D-3D model A (null when not run or without the anchor).
 
 Precision: --precision runs every inference network in it (models/precision.py: bf16 =
 bfloat16 inner layers, float32 logits); inference shares of peak are against that
@@ -51,6 +68,7 @@ line carries the peak RSS of the process so far (ru_maxrss). --dry_run: no netwo
     python -m bench.bench_inference [--preset small|paper] [--tile_size 64] [--train]
         [--phantom_shape 64,64,48] [--peak_size 4096] [--networks model1_axial,A] [--skip_ensemble]
         [--memory_budget_gb 8] [--precision fp32|bf16] [--dry_run]
+        [--anchor_python /work/anchor_venv/bin/python] [--anchor_roi 240,240,160]
 """
 
 import argparse
@@ -60,6 +78,7 @@ import json
 import os
 import platform
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,6 +154,51 @@ def inference_peak(precision, fp32, bf16):
     if bf16 is None:
         return fp32, "no bf16 peak above fp32 measured: bf16 shares are against the fp32 peak"
     return bf16, None
+
+
+# --- the anchor: MONAI's SegResNet (issue 14 item 6) --------------------------------------------------
+
+ANCHOR = Path(__file__).resolve().with_name("bench_monai.py")
+
+
+def run_anchor(python, phantom_shape, options):
+    """Runs bench/bench_monai.py under `python` on the case this bench uses (a phantom of
+    `phantom_shape`, else the real case, else a 240x240x155 phantom as `the_case`); emits its
+    line, or one error line. Its record, or None when it failed."""
+    command = [python, str(ANCHOR), "--peak_size", str(options.peak_size),
+               "--peak_repeats", str(options.peak_repeats)]
+    if phantom_shape is not None:
+        command += ["--phantom_shape", ",".join(map(str, phantom_shape))]
+    elif REAL_CASE.is_dir():
+        command += ["--case", str(REAL_CASE)]
+    else:
+        command += ["--phantom"]
+    if options.anchor_roi:
+        command += ["--roi", options.anchor_roi]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, check=False)
+        lines = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+        record = next((r for r in lines if r.get("what") == "monai"), None)
+        if result.returncode != 0 or record is None:
+            raise RuntimeError(f"exit {result.returncode}: {result.stderr.strip()[-2000:] or 'no monai line'}")
+    except (OSError, ValueError, RuntimeError) as err:
+        emit(what="monai", error=f"{type(err).__name__}: {err}", command=command)
+        return None
+    print(json.dumps(record), flush=True)   # as it printed it (its own peak RSS)
+    return record
+
+
+def versus_monai(gflop_per_s, seconds, options):
+    """The ratio fields of a line (none without --anchor_python; null when MONAI failed)."""
+    if not options.anchor_python:
+        return {}
+    monai = options.monai
+    return {"gflop_per_s_vs_monai": ratio(gflop_per_s, monai and monai["gflop_per_s"]),
+            "seconds_vs_monai": ratio(seconds, monai and monai["warm_s"])}
+
+
+def ratio(ours, theirs):
+    return round(ours / theirs, 4) if ours is not None and theirs else None
 
 
 # --- counting the calls the project's code makes -----------------------------------------------------
@@ -323,10 +387,11 @@ def load(path, precision):
 
 
 def bench_networks(triples, three_d, prepared, options, table, peak, wanted):
-    """One line per network (those named in `wanted`); returns [share of peak], model A's warm s."""
+    """One line per network (those named in `wanted`); returns [share of peak], model A's line
+    (None when not run)."""
     grid = int(np.prod(prepared.box.shape))
     dry = options.dry_run
-    results, model_a_s = [], None
+    results, model_a = [], None
     for kind in KINDS_2D:
         for orientation in ORIENTATIONS:
             if f"{kind}_{orientation}" not in wanted:
@@ -336,11 +401,11 @@ def bench_networks(triples, three_d, prepared, options, table, peak, wanted):
             first, warm, inside = run_twice(
                 lambda: segmentation.predict_2d(model, prepared.image, segmentation.BATCH_SIZE_2D), [calls], dry)
             results.append(network_line(f"{kind}_{orientation}", "2d", model, calls, table, grid, options,
-                                        first, warm, inside, peak))
+                                        first, warm, inside, peak)["share_of_peak"])
             del model, calls
             gc.collect()
     if not wanted & set(KINDS_3D):
-        return results, model_a_s
+        return results, model_a
     if dry:   # only the shape matters
         features = np.zeros(prepared.image.shape[:3] + (12,), np.float16)
     else:
@@ -355,18 +420,18 @@ def bench_networks(triples, three_d, prepared, options, table, peak, wanted):
                 lambda: segmentation.predict_model(*run, memory_budget_gb=options.memory_budget_gb),
                 [calls, runs], dry)
         if segmentation.runs_layerwise(model, volume.volume.shape, options.memory_budget_gb, options.tile_size):
-            results.append(layerwise_line(kind, model, runs, table, grid, options, first, warm, inside, peak,
-                                          volume.volume.shape))
+            line = layerwise_line(kind, model, runs, table, grid, options, first, warm, inside, peak,
+                                  volume.volume.shape)
         else:
-            results.append(network_line(kind, "3d", model, calls, table, grid, options, first, warm, inside, peak,
-                                        method="tiled", tile=predict.fitted_tile_size(prepared.box.shape,
-                                                                                      options.tile_size),
-                                        features="model1"))
+            line = network_line(kind, "3d", model, calls, table, grid, options, first, warm, inside, peak,
+                                method="tiled", tile=predict.fitted_tile_size(prepared.box.shape, options.tile_size),
+                                features="model1")
+        results.append(line["share_of_peak"])
         if kind == "A":
-            model_a_s = warm
+            model_a = line
         del model, calls, runs
         gc.collect()
-    return results, model_a_s
+    return results, model_a
 
 
 def network_line(name, stage, model, calls, table, grid, options, first, warm, inside, peak, **extra):
@@ -376,8 +441,9 @@ def network_line(name, stage, model, calls, table, grid, options, first, warm, i
             "input_shape": list(calls.shapes[0][0]), "flops_per_call": one.total, **extra, **rates(total, warm, peak),
             "useful_share": round(grid / voxels, 4), "first_s": rounded(first), "warm_s": rounded(warm),
             "network_s": rounded(inside), "uncounted_ops": one.uncounted}
+    line.update(versus_monai(line["gflop_per_s"], warm, options))
     emit(**line)
-    return line["share_of_peak"]
+    return line
 
 
 def layerwise_line(name, model, runs, table, grid, options, first, warm, inside, peak, shape):
@@ -391,8 +457,9 @@ def layerwise_line(name, model, runs, table, grid, options, first, warm, inside,
             "features": "model1", **rates(count["flops"], warm, peak), "useful_share": round(grid / count["voxels"], 4),
             "first_s": rounded(first), "warm_s": rounded(warm), "network_s": rounded(inside),
             "uncounted_ops": count["uncounted"]}
+    line.update(versus_monai(line["gflop_per_s"], warm, options))
     emit(**line)
-    return line["share_of_peak"]
+    return line
 
 
 def bench_ensemble(case, triples, three_d, workdir, options, table, peak):
@@ -409,13 +476,14 @@ def bench_ensemble(case, triples, three_d, workdir, options, table, peak):
     total = sum(table.of_calls(model, c)[0] for model, c in zip(models, calls))
     layered = [table.of_layerwise(path, r) for path, r in runs.of(models).items()]
     total += sum(c["flops"] for c in layered)
+    gflop_per_s = None if dry else total / warm / 1e9
     emit(what="ensemble", preset=options.preset, precision=options.precision, final_models=len(plan.final),
          networks=len(models), layerwise_runs=len(runs.runs), calls=sum(len(c.shapes) for c in calls)
          + sum(c["blocks"] for c in layered), tile_size=options.tile_size,
          memory_budget_gb=options.memory_budget_gb, **rates(total, warm, peak),
          traces=sum(c.traces() for c in calls) + sum(c["traces"] for c in layered), first_s=rounded(first),
-         warm_s=rounded(warm), network_s=rounded(inside))
-    return warm, None if dry else total / warm / 1e9 / peak
+         warm_s=rounded(warm), network_s=rounded(inside), **versus_monai(gflop_per_s, warm, options))
+    return warm, None if dry else gflop_per_s / peak, gflop_per_s
 
 
 # --- training (item 7) ------------------------------------------------------------------------------
@@ -490,16 +558,24 @@ def main():
                              "tiled; 0: always tiled (as segment)")
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
                         help="the inference networks' precision (as segment); training stays fp32")
+    parser.add_argument("--anchor_python", default=None,
+                        help="python of the anchor's venv (bench/requirements-anchor.txt): also run MONAI's "
+                             "SegResNet (bench/bench_monai.py) on the same case, and the ratios to it")
+    parser.add_argument("--anchor_roi", default=None,
+                        help="X,Y,Z: the anchor's sliding-window size (default the bundle's 240,240,160)")
     args = parser.parse_args()
     phantom_shape = synthetic.parse_shape(args.phantom_shape)
     wanted = {n for n in args.networks.split(",") if n}
     if wanted - set(NETWORKS):
         parser.error(f"--networks: unknown {sorted(wanted - set(NETWORKS))}; known: {','.join(NETWORKS)}")
+    if args.anchor_python and args.dry_run:
+        parser.error("--anchor_python times MONAI: not with --dry_run")
     emit(what="env", tf=tf.__version__, python=sys.version.split()[0], cpus=os.cpu_count(),
          machine=platform.processor() or platform.machine(),
          threads_intra=tf.config.threading.get_intra_op_parallelism_threads())
     peak_fp32, peak_bf16 = measure_peak(args.peak_size, args.peak_repeats)
     peak, peak_note = inference_peak(args.precision, peak_fp32, peak_bf16)
+    args.monai = run_anchor(args.anchor_python, phantom_shape, args) if args.anchor_python else None
     table = FlopTable()
     with tempfile.TemporaryDirectory() as workdir:
         case, source = the_case(workdir, phantom_shape)
@@ -510,20 +586,29 @@ def main():
              cropped=list(prepared.box.shape))
         del loaded
         triples, three_d = export_models(args.preset, workdir)
-        shares, model_a_s = bench_networks(triples, three_d, prepared, args, table, peak, wanted)
-        ensemble_s = None
+        shares, model_a = bench_networks(triples, three_d, prepared, args, table, peak, wanted)
+        ensemble_s = ensemble_gflop_per_s = None
         if not args.skip_ensemble:
-            ensemble_s, share = bench_ensemble(case, triples, three_d, workdir, args, table, peak)
+            ensemble_s, share, ensemble_gflop_per_s = bench_ensemble(case, triples, three_d, workdir, args, table,
+                                                                     peak)
             shares.append(share)
         multiple = unet2d.pooling_factor("model1", args.preset)
         slice_shape = tuple(padded_size(n, multiple) for n in prepared.box.shape[:2])   # axial slices of the case
         shares += bench_training(args.preset, slice_shape, args.train and not args.dry_run, peak_fp32)
+    monai = args.monai or {}
+    model_a = model_a or {}
     emit(what="summary", preset=args.preset, precision=args.precision, memory_budget_gb=args.memory_budget_gb,
          source=source, peak_fp32_gflops=round(peak_fp32, 1),
          peak_bf16_gflops=None if peak_bf16 is None else round(peak_bf16, 1), peak_note=peak_note,
          ensemble_s=None if ensemble_s is None else round(ensemble_s, 3),
-         model_a_s=None if model_a_s is None else round(model_a_s, 3),
+         model_a_s=model_a.get("warm_s"),
          min_share_of_peak=min((round(s, 4) for s in shares if s is not None), default=None),
+         monai_s=monai.get("warm_s"), monai_gflop_per_s=monai.get("gflop_per_s"),
+         monai_share_of_peak=monai.get("share_of_peak"),
+         gflop_per_s_ratio_to_monai=ratio(ensemble_gflop_per_s, monai.get("gflop_per_s")),
+         seconds_ratio_to_monai=ratio(ensemble_s, monai.get("warm_s")),
+         model_a_gflop_per_s_ratio_to_monai=model_a.get("gflop_per_s_vs_monai"),
+         model_a_seconds_ratio_to_monai=model_a.get("seconds_vs_monai"),
          dry_run=args.dry_run)
 
 

@@ -6,7 +6,8 @@ real BraTS 2023 case when ../shared is there, else a 240x240x155 phantom.
     python -m bench.bench_layerwise [--preset small|paper] [--method both|tiled|layerwise] [--block 64] \
         [--precision fp32|bf16]
 
-Also the memory `segment` expects of the layer-wise run (`layerwise.peak_bytes`, what it
+Also the FLOPs of one pass of the network over the whole padded volume (counted from its
+graph, not run) and each method's overhead against them, and the memory `segment` expects of the layer-wise run (`layerwise.peak_bytes`, what it
 compares with --memory_budget_gb) beside the RSS growth measured over it.
 """
 
@@ -126,6 +127,12 @@ def main():
         line["layerwise"] = {"block": args.block, "gflop": round(total[0] / 1e9, 1), "first_s": first, "warm_s": warm}
     for method in outputs:
         line[method]["mflop_per_voxel"] = round(line[method]["gflop"] * 1e3 / voxels, 3)
+    # The network once over the whole padded volume (counted from its graph, never run: it
+    # would not fit in memory): the FLOPs no method can go below; each method's overhead.
+    whole = flops.model_call_flops(model, (1,) + tuple(n + 2 * unet3d.MARGIN for n in volume.shape[:3]) + (16,))
+    line["whole_volume_gflop"] = round(whole.total / 1e9, 1)
+    for method in outputs:
+        line[method]["overhead"] = round(line[method]["gflop"] * 1e9 / whole.total, 3)
     if len(outputs) == 2:
         line["max_abs_difference"] = float(np.abs(outputs["tiled"] - outputs["layerwise"]).max())
     line["peak_rss_mb"] = round(rss_mb())
