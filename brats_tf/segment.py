@@ -57,8 +57,8 @@ flags.DEFINE_bool("save_proportions", False, "Also write the vote-proportion map
 flags.DEFINE_integer("batch_size", pipeline.BATCH_SIZE_2D, "2D slices per forward pass.", lower_bound=1)
 flags.DEFINE_enum("allow_missing", None, ["zero_fill"], "Run models trained without sequence dropout on a case "
                   "lacking one of their sequences, zero-filled (models trained with it need no flag).")
-flags.DEFINE_integer("tile_size", TILE_SIZE_3D, "Largest side of the output block of one 3D tile (its input: +44); "
-                     "memory grows with its cube.", lower_bound=1)
+flags.DEFINE_integer("tile_size", TILE_SIZE_3D, "Largest side of the output block of one 3D tile (its input: +44; "
+                     "pooled 3D models: rounded down to a multiple of 4, input +40); memory grows with its cube.", lower_bound=1)
 flags.DEFINE_float("memory_budget_gb", MEMORY_BUDGET_GB, "A 3D model runs layer by layer over the whole case (each "
                    "voxel of each layer computed once) when its estimated memory fits this; else in --tile_size "
                    "tiles. 0: always tiles.", lower_bound=0)

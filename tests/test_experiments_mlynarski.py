@@ -61,6 +61,18 @@ def test_config_overrides_are_parsed_and_unknown_keys_refused():
         common.experiment_config(_args(None, config_3d=["model.widths=3"]))   # refused before any work
 
 
+def test_3d_patch_sides_off_the_pooled_grid_are_refused_before_any_work():
+    config = get_config("demo")
+    config.threed.model.design = "pooled"
+    with pytest.raises(ConfigError, match=r"--config.threed.model.input_size=54: .*use 52 or 56"):
+        common.experiment_config(_args(None, config=config))
+    config.threed.model.input_size = 56
+    with pytest.raises(ConfigError, match=r"--config.standard_input_size=62: .*use 60 or 64"):
+        common.experiment_config(_args(None, config=config))
+    config.standard_input_size = 64
+    assert common.experiment_config(_args(None, config=config)).threed.model.design == "pooled"
+
+
 def _model_configs(args):
     """The resolved configs of 2D model 2 coronal, 2D-3D model B (model 1 features) and a
     pretrained subnetwork for a run with `args`, on a fixed split."""

@@ -120,3 +120,60 @@ def test_layerwise_inference_of_many_cases_logs_no_retracing_warning(caplog):
             # default blocks: one per layer and case, so each case would trace every layer again
             assert predict_layerwise_3d(model, volume, unet3d.MARGIN).shape == shape + (4,)
     assert not [r for r in caplog.records if "retracing" in r.getMessage()]
+
+
+# --- the pooled 3D design (issue 14 item 5): tiles on its grid of 4 -----------------------------
+
+def _pooled_3d(kind="A", features=3):
+    from brats_tf.models import unet3d
+    keras.utils.set_random_seed(2)
+    return unet3d.build_3d_model(kind, 2, features, "small", levels=(3, 4, 5), final=4, design="pooled")
+
+
+def _whole(model, volume, sides, margin):
+    """One pass over the volume zero-padded to `sides` + 2 * margin, cropped back."""
+    pad = [(margin, margin + s - n) for s, n in zip(sides, volume.shape[:3])] + [(0, 0)]
+    out = predict.main_logits(model, np.pad(volume, pad)[None])[0]
+    return out[:volume.shape[0], :volume.shape[1], :volume.shape[2]]
+
+
+def test_tiled_pooled_model_equals_one_pass_over_the_whole_volume():
+    """Output tiles of side 8 (a multiple of the period 4) with 20 voxels of context on each
+    side, laid edge to edge, give exactly the logits of one pass over the padded volume;
+    the same pass shifted by 2 voxels (off the grid) does not: the grid matters."""
+    model = _pooled_3d()
+    volume = np.random.default_rng(3).normal(size=(21, 14, 9, 5)).astype(np.float32)
+    tiled = predict.predict_tiled_3d(model, volume, 8 + 40, 8, batch_size=4)
+    whole = _whole(model, volume, (24, 16, 16), 20)
+    assert tiled.shape == whole.shape == (21, 14, 9, 4)
+    np.testing.assert_allclose(tiled, whole, atol=1e-5, rtol=1e-5)
+    shifted = predict.main_logits(model, np.pad(volume, [(22, 21), (20, 22), (20, 27), (0, 0)])[None])[0]
+    assert np.abs(shifted[2:23, :14, :9] - whole).max() > 1e-3   # voxel i at input i + 22: off the grid
+
+
+def test_fitted_tiles_of_a_pooled_model_are_multiples_of_its_period():
+    assert predict.fitted_tile_size((148, 198, 145), 64) == 50
+    assert predict.fitted_tile_size((148, 198, 145), 64, multiple=4) == 52
+    assert predict.fitted_tile_size((21, 10, 9), 18, multiple=4) == 12    # 2 x 1 x 1 tiles of at most 16
+    assert predict.tile_limit(18, 4) == 16 and predict.tile_limit(3, 4) == 4
+
+
+def test_layerwise_refuses_a_pooled_model():
+    """Its strided layers are not per-voxel: refused before any work, and `segment` never
+    chooses layer-wise inference for it."""
+    from brats_tf.inference import exported, pipeline
+    from brats_tf.inference.layerwise import peak_bytes, predict_layerwise_3d
+    model = _pooled_3d()
+    volume = np.zeros((8, 8, 8, 5), np.float32)
+    with pytest.raises(ValueError, match="does not know MaxPooling3D"):
+        predict_layerwise_3d(model, volume, 20)
+    with pytest.raises(ValueError, match="does not know"):
+        peak_bytes(model, volume.shape, 20)
+    info = {"stage": "3d", "design": "pooled", "margin": 20, "period": 4, "receptive_field": 44}
+    pooled = exported.ExportedModel("m.keras", info, "0" * 64)
+    assert not pipeline.runs_layerwise(pooled, (300, 300, 300), memory_budget_gb=1000, tile_size=16)
+    assert (pooled.margin, pooled.period, pooled.design) == (20, 4, "pooled")
+    shapes = exported.NetworkShapes((40, 40, 40), tile_size=50, batch_size=1)
+    assert exported.network_input_shape(dict(info, modalities=["t1", "t2"]), shapes) == (1, 88, 88, 88, 2)
+    old = {"stage": "3d", "receptive_field": 45}   # model_info from before the design was recorded
+    assert (exported.margin_3d(old), exported.period_3d(old), exported.design_3d(old)) == (22, 1, "atrous")

@@ -1,20 +1,23 @@
 """The 3D trainer: presets, a 2D-3D model A trained on stored features (patches hold every
-class and the right feature voxels), resume, refusal of mismatched features, and the
-`brats_tf.train` dispatch by config.stage."""
+class and the right feature voxels), resume, refusal of mismatched features, the
+`brats_tf.train` dispatch by config.stage, and the pooled design trained, exported and
+segmenting a case."""
 
 import csv
 import json
 
+import nibabel as nib
 import numpy as np
 import pytest
 
-from brats_tf.inference import exported, features
+from brats_tf.inference import bundle_writer, exported, features, pipeline
 from brats_tf.configs import train3d
 from brats_tf.errors import ConfigError
 from brats_tf.models import unet3d
 from brats_tf.records import reader
 from brats_tf.training.stage3d import Trainer3D
-from tests.conftest import run_module
+from brats_tf.training.loop import record_config
+from tests.conftest import run_module, write_brats2017_case
 from tests.test_features import export_2d_models, make_records
 
 
@@ -49,6 +52,7 @@ def test_presets_say_what_their_names_say():
         assert c.stage == "3d" and tuple(c.loss.target_weights) == (0.4, 0.2, 0.2, 0.2)
         assert c.optim.accumulation_steps == 5 and c.data.batch_size >= 4
         assert unet3d.output_size(c.model.input_size) == c.model.input_size - 44
+        assert c.model.design == "atrous"
     assert paper.model.input_size == 70 and paper.model.preset == "paper"
     # The paper's batch of 5 patches in 5 parts (the same update; fits 16 GB on a CPU).
     assert (paper.data.batch_size, paper.train.micro_batches, small.train.micro_batches) == (5, 5, 1)
@@ -123,3 +127,66 @@ def test_train_command_dispatches_to_the_3d_trainer(data, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained 1 iterations" in result.stdout
     assert json.loads((tmp_path / "model_info.json").read_text())["stage"] == "3d"
+
+
+def test_pooled_design_trains_exports_and_segments_a_case(data, tmp_path):
+    """model.design=pooled: 48³ patches give 8³ labels; validation and `segment` tile it on
+    its grid of 4 (tile_size 18 -> tiles of at most 16), at the case's shapes, at fixed
+    network shapes (--max_grid) and from a bundle alike; model_info.json and bundle.json
+    record what tiling needs."""
+    records, _, _ = data
+    config = _config(records, iterations=1)
+    config.model.design, config.model.input_size, config.train.val_every = "pooled", 48, 1
+    trainer = Trainer3D(config, tmp_path / "pooled")
+    result = trainer.run()
+    assert result["iterations"] == 1 and set(result["validation"]) == {"val_dice_ncr_net", "val_dice_edema",
+                                                                      "val_dice_enhancing"}
+    x, y = next(trainer.sampler.dataset(num_batches=1).as_numpy_iterator())
+    assert x.shape == (4, 48, 48, 48, 4) and y.shape == (4, 8, 8, 8)
+    info = json.loads((tmp_path / "pooled" / "model_info.json").read_text())
+    assert {k: info[k] for k in ("design", "input_size", "output_size", "receptive_field", "margin", "period")} == \
+        {"design": "pooled", "input_size": 48, "output_size": 8, "receptive_field": 44, "margin": 20, "period": 4}
+    case_dir = write_brats2017_case(tmp_path / "new", "Held_out", shape=(26, 24, 22), seed=7)
+    model = [str(tmp_path / "pooled")]
+    manifest = bundle_writer.export_bundle(model, tmp_path / "bundle", max_grid=(40, 40, 40), tile_size=18,
+                                           verbose=False)
+    [entry] = manifest["networks"]
+    assert (entry["design"], entry["margin"], entry["period"], entry["receptive_field"]) == ("pooled", 20, 4, 44)
+    assert entry["signature"]["inputs"]["image"]["shape"] == [1, 56, 56, 56, 4]   # 16 + 40
+    segs = []
+    for out, options in (("out", {"models": model}), ("fixed", {"models": model, "max_grid": "40,40,40"}),
+                         ("bundle", {"models": None, "bundle": str(tmp_path / "bundle")})):
+        [(_, written)] = pipeline.segment(out_dir=tmp_path / out, case_dir=case_dir, verbose=False, tile_size=18,
+                                          **options)
+        image = nib.load(written["seg"])
+        segs.append(np.asarray(image.dataobj))
+        assert image.shape == (26, 24, 22) and set(np.unique(segs[-1])) <= {0, 1, 2, 4}
+    np.testing.assert_array_equal(segs[0], segs[1])
+    np.testing.assert_array_equal(segs[0], segs[2])
+
+
+def test_pooled_design_refuses_sizes_off_its_grid(data, tmp_path):
+    records, _, _ = data
+    config = _config(records)
+    config.model.design = "pooled"                   # input_size 49
+    with pytest.raises(ConfigError, match=r"model.input_size=49: .*not a multiple of 4.*use 48 or 52"):
+        Trainer3D(config, tmp_path / "a").run()
+    config.model.design = "strided"
+    with pytest.raises(ConfigError, match="model.design='strided'"):
+        Trainer3D(config, tmp_path / "b").run()
+
+
+def test_a_work_dir_from_before_the_design_field_resumes_as_atrous(tmp_path):
+    """Every 3D model was à trous before model.design existed: such a work dir resumes with
+    the default, and refuses the pooled design."""
+    config = train3d.get_config("small")
+    path = tmp_path / "config.json"
+    record_config(tmp_path, config)
+    recorded = json.loads(path.read_text())
+    del recorded["model"]["design"]                  # as written before the field existed
+    path.write_text(json.dumps(recorded))
+    record_config(tmp_path, config)                  # accepted
+    path.write_text(json.dumps(recorded))
+    config.model.design = "pooled"
+    with pytest.raises(ConfigError, match="another config"):
+        record_config(tmp_path, config)

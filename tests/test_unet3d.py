@@ -1,6 +1,7 @@
 """3D models: the receptive field measured empirically is exactly 45³ for every model,
 shapes (70 -> 26, any n + 44 -> n), the dilated max-pool against NumPy, where the features
-enter, and the .keras round trip."""
+enter, and the .keras round trip. The pooled design: every kind builds, sizes (multiples of
+4, n -> n - 40), and its measured field (44 wide, off-center by the position modulo 4)."""
 
 import keras
 import numpy as np
@@ -8,6 +9,7 @@ import pytest
 import tensorflow as tf
 
 from brats_tf.models import unet3d
+from brats_tf.models.receptive_field import measure_receptive_field
 
 TINY = dict(levels=(3, 3, 3), final=3)   # receptive field does not depend on widths
 K, F = 2, 3
@@ -144,3 +146,61 @@ def test_keras_round_trip_and_no_batch_norm(tmp_path):
     np.testing.assert_allclose(np.asarray(_logits(loaded, x)), np.asarray(_logits(model, x)), rtol=1e-6)
     paper = unet3d.build_3d_model("A", 4, 12, "paper", input_size=70)
     assert paper.input_shape == (None, 70, 70, 70, 16) and paper.output_shape == (None, 26, 26, 26, 4)
+
+
+# --- the pooled design (issue 14 item 5) ------------------------------------------------------
+
+@pytest.mark.parametrize("design, kind", [(d, k) for d in unet3d.DESIGNS for k in unet3d.KINDS])
+def test_measured_receptive_field_of_each_design(design, kind):
+    """Measured by perturbing one input plane at a time (models/receptive_field.py): à trous,
+    exactly 45 centered on every output voxel; pooled, 44 (close to 45, as the geometry
+    records), off-center by -20..+23 to -23..+20 in a cycle of 4 positions."""
+    geometry = unet3d.geometry(design)
+    size = geometry.smallest_input + 8   # 9 (à trous) / 12 (pooled) output positions per axis
+    axes = (0, 1, 2) if kind == "standard" else (0,)   # the layers treat the axes alike
+    field = measure_receptive_field(_model(kind, design=design), size, geometry.smallest_input, axes)
+    print(f"{design} {kind}: {field.describe()}")
+    assert field.margin == geometry.margin and field.widths == [geometry.receptive_field]
+    if design == "atrous":
+        assert field.widths == [45] and {p for pairs in field.extents.values() for p in pairs} == {(-22, 22)}
+        return
+    assert abs(field.widths[0] - 45) <= 3 and field.span == (-23, 23)
+    for pairs in field.extents.values():
+        assert len(pairs) >= 8 and all(pairs[j] == pairs[j + 4] for j in range(len(pairs) - 4))
+        assert set(pairs) == {(-20, 23), (-21, 22), (-22, 21), (-23, 20)}
+
+
+@pytest.mark.parametrize("kind", unet3d.KINDS)
+def test_pooled_model_sizes_for_every_kind(kind):
+    model = _model(kind, design="pooled")
+    assert model.name == f"unet3d_{kind}_pooled"
+    assert any(isinstance(layer, keras.layers.MaxPooling3D) for layer in model.layers)
+    assert any(isinstance(layer, keras.layers.Conv3DTranspose) for layer in model.layers)
+    channels = K + (0 if kind == "standard" else F)
+    for size, expected in ((44, 4), (52, 12)):
+        out = _logits(model, np.zeros((1, size, size + 4, size + 8, channels), np.float32))
+        assert out.shape[1:] == (expected, expected + 4, expected + 8, 4)
+
+
+def test_pooled_geometry_and_valid_sizes():
+    pooled = unet3d.geometry("pooled")
+    assert (pooled.context, pooled.margin, pooled.period) == (40, 20, 4)
+    assert unet3d.output_size(68, "pooled") == 28 and unet3d.output_size(72, "pooled") == 32
+    assert pooled.input_sizes(66, 76) == [68, 72, 76] and pooled.input_sizes(0, 48) == [44, 48]
+    assert unet3d.geometry("atrous").input_sizes(44, 47) == [45, 46, 47]
+    with pytest.raises(ValueError, match="not a multiple of 4.*use 68 or 72"):
+        unet3d.output_size(70, "pooled")
+    with pytest.raises(ValueError, match="smaller than the smallest"):
+        unet3d.output_size(40, "pooled")
+    with pytest.raises(ValueError, match="unknown 3D design"):
+        unet3d.build_3d_model("standard", K, design="strided")
+    paper = unet3d.build_3d_model("A", 4, 12, "paper", input_size=68, design="pooled")
+    assert paper.input_shape == (None, 68, 68, 68, 16) and paper.output_shape == (None, 28, 28, 28, 4)
+
+
+def test_pooled_keras_round_trip(tmp_path):
+    model = _model("C", design="pooled")
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras")
+    x = np.random.default_rng(5).random((1, 48, 48, 52, K + F)).astype(np.float32)
+    np.testing.assert_allclose(np.asarray(_logits(loaded, x)), np.asarray(_logits(model, x)), rtol=1e-6)

@@ -10,6 +10,12 @@ Presets (each also as `<preset>_dropout`, with sequence dropout): `paper` (METHO
 CPU-demo scale: narrow filters, a shorter plateau period F, fewer iterations). The
 receptive field is 45³ in both (fixed by the architecture); the patch side only sets how
 many output voxels one patch trains (input - 44).
+
+`model.design`: "atrous" (the default: full-resolution levels, dilated; any patch side >= 45,
+input - 44 labels) or "pooled" (the classic 3D U-Net layout, 2³ max-pooling and 2³
+up-convolutions, for comparison: patch sides multiples of 4, input - 40 labels, a 44³
+field off-center by the position modulo 4; e.g. --config.model.design=pooled
+--config.model.input_size=68). See models/unet3d.py.
 """
 
 import ml_collections
@@ -33,12 +39,14 @@ def get_config(preset="small"):
     c.model = ml_collections.ConfigDict()
     c.model.kind = "A"                      # standard | A | B | C (models/unet3d.py)
     c.model.preset = "paper" if paper else "small"     # filter counts
+    c.model.design = "atrous"               # atrous | pooled (models/unet3d.py; docstring above)
     # Overrides of the preset's widths, e.g. --config.model.levels='(8,12,16)'.
     c.model.levels = ml_collections.FieldReference(None, field_type=tuple)  # 3 filter counts
     c.model.final = ml_collections.FieldReference(None, field_type=int)     # override: final conv maps
-    # Patch side (labels: input - 44). Measured on the 2-core CI machine, small widths, batch
-    # of 4: 70³ 2.6 s/step, 54³ 0.97 s/step; 70³ trains 6.5x more label voxels per second,
-    # so `small` keeps the paper's 70³ (a smaller side works too: the field stays 45³).
+    # Patch side (labels: input - 44; pooled design: a multiple of 4, labels input - 40).
+    # Measured on the 2-core CI machine, small widths, batch of 4: 70³ 2.6 s/step, 54³
+    # 0.97 s/step; 70³ trains 6.5x more label voxels per second, so `small` keeps the
+    # paper's 70³ (a smaller side works too: the field stays 45³).
     c.model.input_size = 70
 
     c.data = common.case_selection(num_val_cases=5 if paper else 2, window_cases=8 if paper else 16)

@@ -20,6 +20,7 @@ from brats_tf import errors
 from brats_tf.errors import ConfigError, DataError
 from brats_tf.io.cases import discover_cases
 from brats_tf.io.files import write_json
+from brats_tf.models import unet3d
 from brats_tf.records import reader
 from brats_tf.records.writer import build_records
 
@@ -77,7 +78,24 @@ def experiment_config(args):
         common_configs.check_ranges(
             old_overrides(copy.deepcopy(config.twod if stage == "2d" else config.threed), args, stage),
             "--config_2d" if stage == "2d" else "--config_3d")
-    return experiment_configs.check_ranges(config)
+    config = experiment_configs.check_ranges(config)
+    check_3d_design(old_overrides(copy.deepcopy(config.threed), args, "3d"), config.get("standard_input_size"))
+    return config
+
+
+def check_3d_design(threed, standard_input_size=None):
+    """Refuses, before any work, 3D patch sides the 3D model design cannot take (the pooled
+    design's are multiples of 4: not the demo's 54 and 62)."""
+    design = threed.model.get("design", "atrous")
+    if design not in unet3d.DESIGNS:
+        raise ConfigError(f"--config.threed.model.design={design!r}: use one of {unet3d.DESIGNS}")
+    for key, size in (("threed.model.input_size", threed.model.input_size),
+                      ("standard_input_size", standard_input_size)):
+        try:
+            if size is not None:
+                unet3d.output_size(size, design)
+        except ValueError as err:
+            raise ConfigError(f"--config.{key}={size}: {err} (the {design} 3D design)") from None
 
 
 def old_overrides(model_config, args, stage):

@@ -175,8 +175,8 @@ def _network_entry(network_id, relative, model, signature):
         entry.update(orientation=info["orientation"], pooling_factor=info["pooling_factor"],
                      receptive_field="the whole padded slice (same-padded convolutions)")
     else:
-        entry.update(receptive_field=2 * model.margin + 1, margin=model.margin,
-                     num_features=int(info.get("num_features") or 0))
+        entry.update(design=model.design, receptive_field=int(info.get("receptive_field") or 2 * model.margin + 1),
+                     margin=model.margin, period=model.period, num_features=int(info.get("num_features") or 0))
         if model.needs_features:
             entry.update(feature_dtype=model.feature_dtype.name)
     entry["source"] = {"path": model.path, "sha256": model.sha256}

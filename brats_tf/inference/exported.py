@@ -93,7 +93,8 @@ def describe_model(path):
 class NetworkShapes:
     """The one input shape each network runs at: 2D slices padded to the canvas of
     `max_grid` (the largest brain-cropped grid served) in batches of `batch_size`; 3D tiles
-    of output side <= `tile_size`, padded to `tile_size` + 2 * margin."""
+    of output side <= `tile_size` (a pooled model's: <= the largest multiple of its period),
+    padded to that side + 2 * margin."""
     max_grid: tuple
     tile_size: int
     batch_size: int
@@ -126,21 +127,41 @@ def slice_canvas(max_grid, orientation, multiple):
 
 
 def margin_3d(info):
-    """Input voxels on each side of a 3D model's output block ((receptive field - 1) / 2)."""
+    """Input voxels on each side of a 3D model's output block: recorded since the pooled
+    design (whose 44-voxel field is not centered on its voxel); before, (receptive field - 1) / 2."""
+    if info.get("margin") is not None:
+        return int(info["margin"])
     if info.get("receptive_field"):
         return (int(info["receptive_field"]) - 1) // 2
     from brats_tf.models import unet3d   # model_info written before the field was recorded
     return unet3d.MARGIN
 
 
+def period_3d(info):
+    """A 3D model's output is equivariant to shifts by multiples of this (the pooled design:
+    4): tile sides and offsets must be multiples of it. 1 for the à trous design."""
+    return int(info.get("period") or 1)
+
+
+def design_3d(info):
+    """A 3D model's design (models/unet3d.py); model_info from before the field: à trous."""
+    return info.get("design") or "atrous"
+
+
+def tile_size_3d(info, tile_size):
+    """The largest output tile side <= `tile_size` a 3D model can be tiled with."""
+    return predict.tile_limit(tile_size, period_3d(info))
+
+
 def network_input_shape(info, shapes):
-    """The fixed input shape (batch, spatial..., channels) of a network at `shapes`."""
+    """The fixed input shape (batch, spatial..., channels) of a network at `shapes` (3D: the
+    largest tile the model takes, plus its margins)."""
     channels = len(info["modalities"])
     if info["stage"] == "2d":
         return (shapes.batch_size, *slice_canvas(shapes.max_grid, info["orientation"], info["pooling_factor"]),
                 channels)
     if info["stage"] == "3d":
-        side = shapes.tile_size + 2 * margin_3d(info)
+        side = tile_size_3d(info, shapes.tile_size) + 2 * margin_3d(info)
         return (1, side, side, side, channels + int(info.get("num_features") or 0))
     raise ConfigError(f"a {info.get('stage')!r} model has no fixed network shapes (2d and 3d models have)")
 
@@ -223,6 +244,15 @@ class ExportedModel:
     def margin(self):
         """Input voxels each side of a 3D output tile."""
         return margin_3d(self.info)
+
+    @property
+    def period(self):
+        """3D output tile sides and offsets are multiples of it (`period_3d`)."""
+        return period_3d(self.info)
+
+    @property
+    def design(self):
+        return design_3d(self.info) if self.stage == "3d" else None
 
     @property
     def feature_dtype(self):

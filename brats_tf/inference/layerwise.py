@@ -12,9 +12,11 @@ read their input with that layer's own halo, (k - 1) × dilation voxels, and wri
 output blocks. So no output is computed twice, and memory holds the live activations of the
 whole volume (the skips of the U-Net) plus one block's workspace.
 
-Works for the functional models of `models/unet3d.py` (Conv3D, DilatedMaxPool3D,
-Cropping3D, Concatenate, and per-voxel layers); the result equals tiled inference up to
-float rounding (tests/test_inference.py).
+Works for the à trous models of `models/unet3d.py` (Conv3D, DilatedMaxPool3D, Cropping3D,
+Concatenate, and the per-voxel layers of models/blocks.py); the result equals tiled
+inference up to float rounding (tests/test_inference.py). Any other layer is refused (a
+pooled model's MaxPooling3D and Conv3DTranspose are strided: blocks would need their offsets
+on the pooling grid), not taken for a per-voxel one.
 """
 
 import functools
@@ -25,7 +27,11 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from brats_tf.models.blocks import PresenceChannels, SelectChannels, SequenceGate
 from brats_tf.models.unet3d import DilatedMaxPool3D
+
+# Layers computed on whole arrays, each output voxel from the same voxel of its inputs.
+PER_VOXEL = (SelectChannels, SequenceGate, PresenceChannels)
 
 # Output block side of a windowed layer, by default. Measured on the paper widths: a 64³ block
 # of the widest layer needs < 2 GB of convolution workspace (BUILD_NOTES, issue 14).
@@ -43,7 +49,11 @@ def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOC
     """Logits (X, Y, Z, C) of a valid-convolution 3D model over a whole volume (X, Y, Z, K),
     zero-padded by `margin` (the model's shrink per side, as in training and tiling).
     present: (K,) for a model with a `present` input. on_block(layer, input_shape) is called
-    for every block a windowed layer computes (bench/bench_inference.py counts FLOPs so)."""
+    for every block a windowed layer computes (bench/bench_inference.py counts FLOPs so).
+    ValueError, before any work, for a model with a layer it does not know (a pooled one)."""
+    for layer in model.operations:
+        if not isinstance(layer, keras.layers.InputLayer):
+            _halo(layer)
     given = {"patch": np.pad(np.asarray(volume, np.float32), [(margin, margin)] * 3 + [(0, 0)])[None]}
     if present is not None:
         given["present"] = np.asarray(present, np.float32).reshape(1, -1)
@@ -178,14 +188,18 @@ def _apply(layer, arrays, block, on_block):
 
 
 def _halo(layer):
-    """Voxels a windowed layer takes off each spatial side in total (None: a per-voxel layer)."""
+    """Voxels a windowed layer takes off each spatial side in total (None: a per-voxel layer,
+    a crop or a concatenation); ValueError for a layer it does not know."""
     if isinstance(layer, keras.layers.Conv3D):
         if layer.padding != "valid" or any(s != 1 for s in layer.strides):
             raise ValueError(f"{layer.name}: layer-wise inference needs valid, stride-1 convolutions")
         return tuple((k - 1) * d for k, d in zip(layer.kernel_size, layer.dilation_rate))
     if isinstance(layer, DilatedMaxPool3D):
         return (2 * layer.rate,) * 3
-    return None
+    if isinstance(layer, PER_VOXEL + (keras.layers.Cropping3D, keras.layers.Concatenate)):
+        return None
+    raise ValueError(f"{layer.name}: layer-wise inference does not know {type(layer).__name__} layers "
+                     f"(à trous 3D models only); tile this model")
 
 
 _TRACED = weakref.WeakKeyDictionary()   # layer -> its traced function, kept across volumes and cases

@@ -207,7 +207,8 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, me
     else it is tiled with output tiles
     of side <= tile_size (input + 2 * margin, each tile recomputing its margin); a network at
     fixed shapes (a bundle's, --max_grid) is always tiled. Both give the same logits up to
-    float rounding."""
+    float rounding. A pooled 3D model (equivariant to shifts by multiples of its period, 4)
+    is always tiled, with tile sides and offsets multiples of it."""
     image = inputs.image_for(model)
     if model.stage == "2d":
         return predict_2d(model, image, batch_size, inputs.present_for(model))
@@ -220,7 +221,7 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, me
     if runs_layerwise(model, image.shape, memory_budget_gb, tile_size):
         from brats_tf.inference import layerwise   # imports Keras and the model code
         return layerwise.predict_layerwise_3d(model.layers_model, image, model.margin, inputs.present_for(model))
-    tile = predict.fitted_tile_size(image.shape[:3], tile_size)
+    tile = predict.fitted_tile_size(image.shape[:3], tile_size, model.period)
     return predict.predict_tiled_3d(model.network, image, tile + 2 * model.margin, tile, batch_size=1,
                                     present=inputs.present_for(model))
 
@@ -229,8 +230,9 @@ def runs_layerwise(model, shape, memory_budget_gb=MEMORY_BUDGET_GB, tile_size=TI
     """Whether a 3D model runs layer by layer over a grid of `shape`: a Keras model at the
     case's own shapes, a grid that needs more than one tile (in one tile nothing is computed
     twice, and one call beats a call per layer and block), and an estimated peak memory
-    that fits the budget (0: never)."""
-    if model.stage != "3d" or model.shapes is not None or not memory_budget_gb:
+    that fits the budget (0: never). Never a pooled model: its strided layers are not
+    computed layer by layer."""
+    if model.stage != "3d" or model.design != "atrous" or model.shapes is not None or not memory_budget_gb:
         return False
     if all(n <= tile_size for n in shape[:3]):
         return False

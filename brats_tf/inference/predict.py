@@ -67,8 +67,11 @@ def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_c
     The model maps an `input_size`³ block to the `output_size`³ block at its center (valid
     convolutions: 70 -> 26; same-size models: 24 -> 24). Output tiles are laid edge to edge,
     so every voxel is predicted exactly once (no blending); the volume is zero-padded so
-    border voxels get full context, as in training. present: (K,) for a model built with
-    presence (its `present` input), as in predict_2d_logits.
+    border voxels get full context, as in training. A model equivariant only to shifts by
+    multiples of a period (the pooled 3D design: 4) needs `output_size` a multiple of it:
+    its tiles then start on its grid and give the logits of one pass over the whole padded
+    volume. present: (K,) for a model built with presence (its `present` input), as in
+    predict_2d_logits.
     """
     volume = np.asarray(volume, np.float32)
     shape = volume.shape[:3]
@@ -90,12 +93,21 @@ def predict_tiled_3d(model, volume, input_size, output_size, batch_size=2, num_c
     return out[:shape[0], :shape[1], :shape[2]]
 
 
-def fitted_tile_size(shape, largest):
+def fitted_tile_size(shape, largest, multiple=1):
     """The smallest cube output tile that covers `shape` with as few tiles per axis as tiles
     of side `largest` would: less padding past the volume, same number of tiles. For a
-    148 x 198 x 145 brain box and largest=64: 50 (3 x 4 x 3 tiles) instead of 64."""
+    148 x 198 x 145 brain box and largest=64: 50 (3 x 4 x 3 tiles) instead of 64.
+    multiple: tile sides are multiples of it (a pooled 3D model's period: `largest` is
+    rounded down to one, the fitted side up)."""
+    largest = tile_limit(largest, multiple)
     counts = [-(-int(n) // largest) for n in shape]
-    return max(-(-int(n) // c) for n, c in zip(shape, counts))
+    side = max(-(-int(n) // c) for n, c in zip(shape, counts))
+    return side + -side % multiple
+
+
+def tile_limit(largest, multiple=1):
+    """The largest tile side <= `largest` that is a multiple of `multiple` (at least one)."""
+    return max(int(largest) - int(largest) % multiple, multiple)
 
 
 def softmax(logits, axis=-1):

@@ -40,6 +40,30 @@ Models (input: K image channels, then F feature channels for 2D-3D models, as
 
 Output: one output named `main`, logits (no softmax). Layer names are `<stream>.<block>`.
 
+The pooled design (`design="pooled"`, issue 14 item 5): the classic 3D U-Net layout the
+paper says its model resembles, for comparison. Same levels, widths and final sequence;
+valid 3³ convolutions at each level's own resolution, 2³ max-pooling with stride 2 between
+levels, and a 2³ stride-2 transposed convolution up ("up-convolution", as in the 3D U-Net):
+it doubles a side exactly (an upsampling followed by a valid conv would lose voxels and
+change the sides' parity) and each coarse voxel feeds one 2³ block, so no overlap artefacts.
+
+    level 0: 2 conv               68 -> 64   (skip 0)
+    max-pool 2³ stride 2          64 -> 32
+    level 1: 2 conv               32 -> 28   (skip 1)
+    max-pool 2³ stride 2          28 -> 14
+    bottom:  2 conv               14 -> 10
+    up 1:    up-conv 2³ (20), concat(skip 1 cropped), 2 conv     20 -> 16
+    up 0:    up-conv 2³ (32), concat(skip 0 cropped), 1 conv     32 -> 30   <- body ends
+    final:   conv 3³, conv 1³, classifier 1³                     30 -> 28
+
+Input sides are multiples of 4 (>= 44; both pooled sides even) and give input - 40: the
+output block is centered in the input (margin 20), and the output is equivariant to shifts
+by multiples of 4 only (`Geometry.period`), so inference lays its tiles on that grid. The
+extra level-0 conv makes the context (40) a multiple of 4, so output tiles are too. Every
+output voxel depends on a 44³ block, but not one centered on it: along each axis it spans
+-20..+23, -21..+22, -22..+21 or -23..+20 voxels around it, by its position modulo 4
+(measured: `models/receptive_field.py`, tests/test_unet3d.py).
+
 Missing sequences (issue 15): built with `presence=True`, a model takes {"patch", "present"}
 with `present` (B, K) 1.0 / 0.0 per sequence. Its image channels are zero-filled where a
 sequence is missing (`SequenceGate`, whatever the channel holds) and K constant presence
@@ -57,7 +81,7 @@ from brats_tf.constants import NUM_CLASSES
 from brats_tf.errors import require_kind
 from brats_tf.models.blocks import PresenceChannels, SelectChannels, SequenceGate
 
-RECEPTIVE_FIELD = 45
+RECEPTIVE_FIELD = 45                  # of the à trous design (the default)
 MARGIN = (RECEPTIVE_FIELD - 1) // 2   # input voxels on each side of the output block
 BODY_SHRINK = RECEPTIVE_FIELD - 3     # the final 3³ conv takes the last 2 voxels
 
@@ -92,11 +116,57 @@ def resolve_filters(preset="small", levels=None, final=None):
     return filters
 
 
-def output_size(input_size):
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Where a design's output block lies in its input block (the same along every axis)."""
+
+    context: int            # input side - output side (valid convolutions: any input size)
+    period: int             # outputs are equivariant to shifts by its multiples only: input
+                            # sides, output tiles and tile offsets are multiples of it
+    receptive_field: int    # input voxels one output voxel depends on, per axis (measured)
+
+    @property
+    def margin(self):
+        """Input voxels on each side of the output block."""
+        return self.context // 2
+
+    @property
+    def smallest_input(self):
+        return self.context + self.period
+
+    def output_size(self, input_size):
+        """Side of the output block for an input side; ValueError for a size the design
+        cannot take."""
+        n = int(input_size)
+        if n < self.smallest_input:
+            raise ValueError(f"input size {n} is smaller than the smallest this design takes, {self.smallest_input}")
+        if n % self.period:
+            below = max(n - n % self.period, self.smallest_input)
+            raise ValueError(f"input size {n} is not a multiple of {self.period} "
+                             f"(the design pools twice by 2); use {below} or {below + self.period}")
+        return n - self.context
+
+    def input_sizes(self, smallest, largest):
+        """The valid input sides in [smallest, largest]."""
+        first = max(int(smallest), self.smallest_input)
+        first += -first % self.period
+        return list(range(first, int(largest) + 1, self.period))
+
+
+GEOMETRY = {"atrous": Geometry(context=2 * MARGIN, period=1, receptive_field=RECEPTIVE_FIELD),
+            "pooled": Geometry(context=40, period=4, receptive_field=44)}
+DESIGNS = tuple(GEOMETRY)
+
+
+def geometry(design="atrous"):
+    if design not in GEOMETRY:
+        raise ValueError(f"unknown 3D design {design!r}; known: {list(DESIGNS)}")
+    return GEOMETRY[design]
+
+
+def output_size(input_size, design="atrous"):
     """Side of the predicted block for an input block of side `input_size`."""
-    if input_size < RECEPTIVE_FIELD:
-        raise ValueError(f"input size {input_size} is smaller than the receptive field {RECEPTIVE_FIELD}")
-    return input_size - 2 * MARGIN
+    return geometry(design).output_size(input_size)
 
 
 def needs_features(kind):
@@ -169,6 +239,38 @@ def body(x, filters, prefix):
     return layers.Concatenate(name=f"{prefix}.concat0")([_crop_to(skip0, 38, f"{prefix}.crop0"), x])
 
 
+def pooled_body(x, filters, prefix):
+    """The pooled U-Net (module docstring) up to its last conv; shrinks each side by 19."""
+    f0, f1, f2 = filters.levels
+    x = _conv(x, f0, f"{prefix}.down0a")
+    skip0 = _conv(x, f0, f"{prefix}.down0b")
+    x = layers.MaxPooling3D(2, name=f"{prefix}.pool0")(skip0)
+    x = _conv(x, f1, f"{prefix}.down1a")
+    skip1 = _conv(x, f1, f"{prefix}.down1b")
+    x = layers.MaxPooling3D(2, name=f"{prefix}.pool1")(skip1)
+    x = _conv(x, f2, f"{prefix}.bottom_a")
+    x = _conv(x, f2, f"{prefix}.bottom_b")
+    # Each skip's side minus its concatenation's: skip1 -> pool, 2 bottom convs (-4), up:
+    # 2 * 4 = 8; skip0 -> pool, 2 convs (-4), that 8, 2 convs (-4), up: 2 * 16 = 32.
+    x = _up(x, f1, f"{prefix}.up1")
+    x = layers.Concatenate(name=f"{prefix}.concat1")([_crop_to(skip1, 8, f"{prefix}.crop1"), x])
+    x = _conv(x, f1, f"{prefix}.up1a")
+    x = _conv(x, f1, f"{prefix}.up1b")
+    x = _up(x, f0, f"{prefix}.up0")
+    x = layers.Concatenate(name=f"{prefix}.concat0")([_crop_to(skip0, 32, f"{prefix}.crop0"), x])
+    # One conv more than the à trous body: the context becomes 40, a multiple of the period 4.
+    return _conv(x, f0, f"{prefix}.up0a")
+
+
+def _up(x, filters, name):
+    """Up-convolution: 2³ kernel, stride 2 (each side exactly doubled), linear like the
+    U-Nets' (the convolutions after the concatenation have the ReLUs)."""
+    return layers.Conv3DTranspose(filters, 2, strides=2, padding="valid", name=name)(x)
+
+
+BODIES = {"atrous": body, "pooled": pooled_body}
+
+
 def final_sequence(x, filters, num_classes):
     """conv 3³, conv 1³, classification layer `main` (logits): shrinks by 2."""
     x = _conv(x, filters.final, "final.conv_a")
@@ -177,12 +279,15 @@ def final_sequence(x, filters, num_classes):
 
 
 def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset="small",
-                   num_classes=NUM_CLASSES, input_size=None, levels=None, final=None, presence=False):
+                   num_classes=NUM_CLASSES, input_size=None, levels=None, final=None, presence=False,
+                   design="atrous"):
     """One of the 3D models (see the module docstring).
 
     The input `patch` has num_image_channels + num_features channels (features last);
-    `input_size` fixes its side (None: any size >= 45, as used for tiled inference).
+    `input_size` fixes its side (None: any size the design takes, as used for tiled
+    inference: >= 45 à trous, multiples of 4 >= 44 pooled).
     presence: a second input `present` (B, K) (see the module docstring).
+    design: "atrous" (dilated, full resolution) or "pooled" (module docstring).
     """
     _check_kind(kind)
     if needs_features(kind) and num_features < 1:
@@ -190,7 +295,8 @@ def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset
     if kind == "standard" and num_features:
         raise ValueError("the standard 3D model takes no feature channels")
     if input_size is not None:
-        output_size(input_size)   # validates
+        output_size(input_size, design)   # validates
+    geometry(design)
     filters = resolve_filters(preset, levels, final)
     k, f = int(num_image_channels), int(num_features)
     patch = keras.Input((input_size,) * 3 + (k + f,), name="patch")
@@ -198,9 +304,10 @@ def build_3d_model(kind="standard", num_image_channels=4, num_features=0, preset
     if presence:
         present = keras.Input((k,), name="present")
         inputs, x, k = {"patch": patch, "present": present}, _with_presence(patch, present, k, f), 2 * k
-    merged = STREAMS[kind](x, k, f, filters)
+    merged = STREAMS[kind](x, k, f, filters, design)
     logits = final_sequence(merged, filters, num_classes)
-    return keras.Model(inputs, [logits], name=f"unet3d_{kind}")
+    name = f"unet3d_{kind}" if design == "atrous" else f"unet3d_{kind}_{design}"
+    return keras.Model(inputs, [logits], name=name)
 
 
 def _with_presence(patch, present, k, f):
@@ -214,24 +321,26 @@ def _with_presence(patch, present, k, f):
 
 # --- the kinds: how image (first k channels) and features (next f) reach the final sequence
 
-def _one_stream(patch, k, f, filters):
+def _one_stream(patch, k, f, filters, design):
     """Standard (image only) and A (image + features as input channels): one body."""
-    return body(patch, filters, "stream")
+    return BODIES[design](patch, filters, "stream")
 
 
-def _features_before_final(patch, k, f, filters):
+def _features_before_final(patch, k, f, filters, design):
     """B: the body sees the image; the features join it, centre-cropped, before the final sequence."""
     features = SelectChannels(range(k, k + f), name="features")(patch)
-    cropped = layers.Cropping3D(BODY_SHRINK // 2, name="features.crop")(features)
+    body_shrink = geometry(design).context - 2   # the final 3³ conv takes the last 2 voxels
+    cropped = layers.Cropping3D(body_shrink // 2, name="features.crop")(features)
     image = SelectChannels(range(k), name="image")(patch)
-    return layers.Concatenate(name="features.concat")([body(image, filters, "stream"), cropped])
+    return layers.Concatenate(name="features.concat")([BODIES[design](image, filters, "stream"), cropped])
 
 
-def _two_streams(patch, k, f, filters):
+def _two_streams(patch, k, f, filters, design):
     """C: an image-only stream and an image + features stream, concatenated."""
     image = SelectChannels(range(k), name="image")(patch)
+    body_of = BODIES[design]
     return layers.Concatenate(name="streams.concat")(
-        [body(image, filters, "image_stream"), body(patch, filters, "feature_stream")])
+        [body_of(image, filters, "image_stream"), body_of(patch, filters, "feature_stream")])
 
 
 STREAMS = {"standard": _one_stream, "A": _one_stream, "B": _features_before_final, "C": _two_streams}

@@ -149,7 +149,8 @@ def record_config(workdir, config):
     if fs.exists(path):
         previous = read_json(path)
         # More iterations, or another split into micro-batches (the same updates), may resume;
-        # so may a work dir started before a field was added, if the field is off (None).
+        # so may a work dir started before a field was added, if the field is off (None) or
+        # at the value runs had before it (IMPLIED_BEFORE).
         strip = lambda c: {**c, "train": {k: v for k, v in c["train"].items() if k not in RESUMABLE_CHANGES}}
         if strip(previous) != strip(_without_new_unset_fields(current, previous)):
             raise ConfigError(f"{path}: this work dir was started with another config; "
@@ -159,13 +160,19 @@ def record_config(workdir, config):
     write_json(path, current, sort_keys=True)
 
 
-def _without_new_unset_fields(current, previous):
+# Fields added to the configs with a value other than None, and the value every run before
+# them had: a work dir recorded before such a field resumes while it keeps that value.
+IMPLIED_BEFORE = {"model.design": "atrous"}   # every 3D model was à trous (issue 14 item 5)
+
+
+def _without_new_unset_fields(current, previous, prefix=""):
     """`current` less the fields `previous` lacks whose value is None (added to the config
-    since `previous` was recorded, and off)."""
+    since `previous` was recorded, and off) or the value IMPLIED_BEFORE gives them."""
     if not isinstance(current, dict) or not isinstance(previous, dict):
         return current
-    return {k: _without_new_unset_fields(v, previous[k]) if k in previous else v
-            for k, v in current.items() if k in previous or v is not None}
+    implied = lambda k, v: v is None or IMPLIED_BEFORE.get(prefix + k, None) == v
+    return {k: _without_new_unset_fields(v, previous[k], f"{prefix}{k}.") if k in previous else v
+            for k, v in current.items() if k in previous or not implied(k, v)}
 
 
 def completed_export(workdir, iterations):

@@ -24,10 +24,14 @@ class Trainer3D(Trainer):
             raise ConfigError(f"model.kind={kind!r}: use one of {unet3d.KINDS}")
         if c.data.sampling not in SAMPLING:
             raise ConfigError(f"data.sampling={c.data.sampling!r}: use one of {SAMPLING}")
-        if c.model.input_size < unet3d.RECEPTIVE_FIELD:
-            raise ConfigError(f"model.input_size={c.model.input_size}: must be >= the receptive field "
-                              f"{unet3d.RECEPTIVE_FIELD}")
-        output_size = unet3d.output_size(c.model.input_size)
+        design = c.model.get("design", "atrous")
+        if design not in unet3d.DESIGNS:
+            raise ConfigError(f"model.design={design!r}: use one of {unet3d.DESIGNS}")
+        geometry = unet3d.geometry(design)
+        try:
+            output_size = geometry.output_size(c.model.input_size)
+        except ValueError as err:
+            raise ConfigError(f"model.input_size={c.model.input_size}: {err} ({design} design)") from None
         modalities = list(c.data.modalities or manifest["modalities"])
         missing = [m for m in modalities if m not in manifest["modalities"]]
         if missing:
@@ -40,8 +44,11 @@ class Trainer3D(Trainer):
         self.model_spec = {"stage": "3d", "kind": kind, "preset": c.model.preset, "modalities": modalities,
                            "levels": list(c.model.levels) if c.model.levels else None, "final": c.model.final,
                            "input_size": c.model.input_size, "output_size": output_size,
-                           "receptive_field": unet3d.RECEPTIVE_FIELD, "num_features": 0, "features": None,
-                           "presence": dropout is not None}
+                           # What inference tiles by (inference/exported.py): input = output + 2 * margin,
+                           # tile sides and offsets multiples of `period`.
+                           "design": design, "receptive_field": geometry.receptive_field,
+                           "margin": geometry.margin, "period": geometry.period,
+                           "num_features": 0, "features": None, "presence": dropout is not None}
         self.val_features, feature_paths = None, None
         if unet3d.needs_features(kind):
             feature_paths = self._load_features(manifest)
@@ -99,7 +106,8 @@ class Trainer3D(Trainer):
     def build_model(self):
         spec = self.model_spec
         return unet3d.build_3d_model(spec["kind"], len(spec["modalities"]), spec["num_features"], spec["preset"],
-                                     levels=spec["levels"], final=spec["final"], presence=spec["presence"])
+                                     levels=spec["levels"], final=spec["final"], presence=spec["presence"],
+                                     design=spec["design"])
 
     def predict_labels(self, case):
         volume = case.image
@@ -107,7 +115,8 @@ class Trainer3D(Trainer):
             index = [v.case_id for v in self.val_cases].index(case.case_id)
             volume = np.concatenate([np.asarray(case.image, np.float16), self.val_features[index]], axis=-1)
         present = predict.sequences_present(case.image) if self.model_spec["presence"] else None
-        tile = predict.fitted_tile_size(volume.shape[:3], self.config.train.tile_size)
-        logits = predict.predict_tiled_3d(self.model, volume, tile + 2 * unet3d.MARGIN, tile, batch_size=1,
+        spec = self.model_spec
+        tile = predict.fitted_tile_size(volume.shape[:3], self.config.train.tile_size, spec["period"])
+        logits = predict.predict_tiled_3d(self.model, volume, tile + 2 * spec["margin"], tile, batch_size=1,
                                           present=present)
         return np.argmax(logits, axis=-1).astype(np.uint8)
