@@ -204,9 +204,8 @@ def predict_model(model, chain, inputs, batch_size, tile_size, feature_cache, me
     """Logits (x, y, z, 4) of one final model on its recipe's cropped grid. A 3D model runs
     layer by layer over the whole grid when the grid needs several tiles and its estimate
     fits `memory_budget_gb` (no voxel of any layer computed twice: inference/layerwise.py),
-    else it is tiled with output tiles
-    of side <= tile_size (input + 2 * margin, each tile recomputing its margin); a network at
-    fixed shapes (a bundle's, --max_grid) is always tiled. Both give the same logits up to
+    else it is tiled with output tiles of side <= tile_size (input + 2 * margin, each tile
+    recomputing its margin); a network at fixed shapes (a bundle's, --max_grid) is always tiled. Both give the same logits up to
     float rounding. A pooled 3D model (equivariant to shifts by multiples of its period, 4)
     is always tiled, with tile sides and offsets multiples of it."""
     image = inputs.image_for(model)
