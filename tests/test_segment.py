@@ -142,6 +142,7 @@ def test_3d_models_run_layer_by_layer_within_the_memory_budget_else_tiled(models
         np.testing.assert_array_equal(labels, tiled_labels)
 
 
+@pytest.mark.slow   # ~10 s; the default suite checks the bf16 mechanism in tests/test_inference.py
 def test_bf16_precision_runs_every_network_in_bfloat16_and_keeps_the_segmentation_close(models, tmp_path):
     """--precision=bf16: the chain's 2D models and both 3D models compute in bfloat16 with
     float32 logits, which stay within bfloat16 rounding of the fp32 ones."""
