@@ -129,6 +129,7 @@ def test_train_command_dispatches_to_the_3d_trainer(data, tmp_path):
     assert json.loads((tmp_path / "model_info.json").read_text())["stage"] == "3d"
 
 
+@pytest.mark.slow   # ~7 s; the default suite builds, sizes and tiles pooled models (test_unet3d, test_inference)
 def test_pooled_design_trains_exports_and_segments_a_case(data, tmp_path):
     """model.design=pooled: 48³ patches give 8³ labels; validation and `segment` tile it on
     its grid of 4 (tile_size 18 -> tiles of at most 16), at the case's shapes, at fixed

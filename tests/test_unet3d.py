@@ -150,7 +150,9 @@ def test_keras_round_trip_and_no_batch_norm(tmp_path):
 
 # --- the pooled design (issue 14 item 5) ------------------------------------------------------
 
-@pytest.mark.parametrize("design, kind", [(d, k) for d in unet3d.DESIGNS for k in unet3d.KINDS])
+# à trous: test_receptive_field_is_exactly_45_cubed measures it in the default suite already
+@pytest.mark.parametrize("design, kind", [pytest.param(d, k, marks=[pytest.mark.slow] if d == "atrous" else [])
+                                          for d in unet3d.DESIGNS for k in unet3d.KINDS])
 def test_measured_receptive_field_of_each_design(design, kind):
     """Measured by perturbing one input plane at a time (models/receptive_field.py): à trous,
     exactly 45 centered on every output voxel; pooled, 44 (close to 45, as the geometry
