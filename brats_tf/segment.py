@@ -63,7 +63,7 @@ flags.DEFINE_float("memory_budget_gb", MEMORY_BUDGET_GB, "A 3D model runs layer 
                    "voxel of each layer computed once) when its estimated memory fits this; else in --tile_size "
                    "tiles. 0: always tiles.", lower_bound=0)
 flags.DEFINE_enum("precision", "fp32", list(PRECISIONS), "Compute precision of the 2D and 3D models' inner layers: "
-                  "bf16 runs them in bfloat16 (Keras mixed_bfloat16, logits float32; about twice as fast on "
+                  "bf16 runs them in bfloat16 (Keras mixed_bfloat16, logits float32; 1.3-2x as fast on "
                   "CPUs with AVX512_BF16 or AMX, GPUs from Ampere, TPUs). Baselines and bundles run in fp32.")
 
 
