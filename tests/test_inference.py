@@ -62,6 +62,24 @@ def test_layerwise_inference_equals_tiled_inference(kind, presence):
     np.testing.assert_allclose(layerwise, tiled, atol=1e-4, rtol=1e-4)
 
 
+def test_layerwise_runs_dilated_layers_undilated_on_their_phase_lattices():
+    """Every windowed layer runs undilated (a dilated one as its twin on each phase lattice),
+    in the blocks `block_calls` lists (what the bench counts FLOPs from)."""
+    import collections
+    from brats_tf.inference.layerwise import block_calls, predict_layerwise_3d
+    from brats_tf.models import unet3d
+    model = _small_3d()
+    assert any(max(layer.dilation_rate) > 1 for layer in model.layers if isinstance(layer, keras.layers.Conv3D))
+    volume = np.random.default_rng(0).normal(size=(23, 30, 19, 5)).astype(np.float32)
+    seen = collections.Counter()
+    predict_layerwise_3d(model, volume, unet3d.MARGIN, block=12,
+                         on_block=lambda layer, shape: seen.update([(layer.name, tuple(shape))]))
+    listed = block_calls(model, volume.shape, unet3d.MARGIN, block=12)
+    assert seen == collections.Counter({(layer.name, tuple(shape)): n for layer, shape, n in listed})
+    assert all(layer.dilation_rate == (1, 1, 1) for layer, _, _ in listed if isinstance(layer, keras.layers.Conv3D))
+    assert any(layer.name.endswith("_undilated") for layer, _, _ in listed)
+
+
 def _small_3d(kind="A", features=3, presence=False):
     from brats_tf.models import unet3d
     keras.utils.set_random_seed(1)

@@ -20,6 +20,7 @@ on the pooling grid), not taken for a per-voxel one.
 """
 
 import functools
+import itertools
 import math
 import weakref
 
@@ -27,6 +28,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from brats_tf.inference.heap import reused_heap
 from brats_tf.models.blocks import PresenceChannels, SelectChannels, SequenceGate
 from brats_tf.models.unet3d import DilatedMaxPool3D
 
@@ -39,17 +41,19 @@ DEFAULT_BLOCK = 64
 # A windowed layer's block costs about this many times its input and output blocks while it
 # runs (oneDNN's reordered copies of both, the padded piece, the result array).
 BLOCK_WORKSPACE_FACTOR = 4
-# The process's resident memory grows by 1.05-1.09 times the arrays and workspace counted
-# (allocator pools, TensorFlow's own buffers; model A on the real case, small and paper
-# widths, fp32 and bf16): `peak_bytes` includes this so that it bounds what was measured.
-ALLOCATOR_OVERHEAD = 1.1
+# The process's resident memory grows by up to 1.2 times the arrays and workspace counted
+# (TensorFlow's own buffers, and freed arrays kept in glibc's heap for reuse, inference/heap.py:
+# 1.19 fp32, 1.20 bf16, model A at paper widths on the real case; 1.05-1.09 before the heap
+# was kept): `peak_bytes` includes this so that it bounds what was measured.
+ALLOCATOR_OVERHEAD = 1.25
 
 
 def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOCK, on_block=None):
     """Logits (X, Y, Z, C) of a valid-convolution 3D model over a whole volume (X, Y, Z, K),
     zero-padded by `margin` (the model's shrink per side, as in training and tiling).
     present: (K,) for a model with a `present` input. on_block(layer, input_shape) is called
-    for every block a windowed layer computes (bench/bench_inference.py counts FLOPs so).
+    for every block a windowed layer computes, with the layer it runs (a dilated one's
+    undilated twin, `_blockwise`): bench/bench_inference.py counts FLOPs so.
     ValueError, before any work, for a model with a layer it does not know (a pooled one)."""
     for layer in model.operations:
         if not isinstance(layer, keras.layers.InputLayer):
@@ -59,6 +63,11 @@ def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOC
         given["present"] = np.asarray(present, np.float32).reshape(1, -1)
     values = {id(t): given[_input_name(t, model)] for t in model.inputs}
     del given   # `values` alone holds the padded input, freed after its last consumer
+    with reused_heap():   # freed arrays are reused, not page-faulted in again (inference/heap.py)
+        return _run_layers(model, values, block, on_block)
+
+
+def _run_layers(model, values, block, on_block):
     uses = _consumers(model)
     for layer in model.operations:
         if isinstance(layer, keras.layers.InputLayer):
@@ -90,9 +99,9 @@ def peak_bytes(model, shape, margin, block=DEFAULT_BLOCK, itemsize=None):
         workspace = 0
         halo = _halo(layer)
         if halo is not None:
-            sides, _ = _block_grid(out_sides, block)
+            rates, sides, _ = _plan(layer, out_sides, block)
             workspace = BLOCK_WORKSPACE_FACTOR * value_bytes * (
-                math.prod(s + h for s, h in zip(sides, halo)) * _channels(inputs[0])
+                math.prod(s + h // r for s, h, r in zip(sides, halo, rates)) * _channels(inputs[0])
                 + math.prod(sides) * _channels(layer.output))
         live += sizes[id(layer.output)]
         peak = max(peak, live + workspace)
@@ -104,15 +113,17 @@ def peak_bytes(model, shape, margin, block=DEFAULT_BLOCK, itemsize=None):
 
 
 def block_calls(model, shape, margin, block=DEFAULT_BLOCK):
-    """[(layer, input block shape, number of blocks)] for every windowed layer, as
+    """[(layer run, input block shape, number of blocks)] for every windowed layer, as
     `predict_layerwise_3d` would compute them over a volume of `shape` (without running:
-    bench/bench_inference.py counts the FLOPs of a run from these)."""
+    bench/bench_inference.py counts the FLOPs of a run from these). A dilated layer is run
+    as its undilated twin on its phase lattices (`_blockwise`)."""
     calls = []
     for layer, inputs, _, out_sides in _walk(model, shape, margin):
         halo = _halo(layer)
         if halo is not None:
-            sides, counts = _block_grid(out_sides, block)
-            calls.append((layer, (1, *(s + h for s, h in zip(sides, halo)), _channels(inputs[0])), math.prod(counts)))
+            rates, sides, lattices = _plan(layer, out_sides, block)
+            in_block = (1, *(s + h // r for s, h, r in zip(sides, halo, rates)), _channels(inputs[0]))
+            calls.append((_runs_as(layer), in_block, sum(math.prod(counts) for _, counts in lattices)))
     return calls
 
 
@@ -218,27 +229,81 @@ def _traced(layer):
 def _blockwise(layer, x, halo, block, on_block=None):
     """The layer's output over the whole of `x` (1, X, Y, Z, C), block by block: equal output
     blocks (the last ones padded past the end, then cut), each from its input block plus
-    the layer's halo; one traced function per layer (every call has the same shape)."""
+    the layer's halo; one traced function per layer (every call has the same shape).
+
+    A layer dilated by d (a convolution, the dilated max-pool) is computed on each of its d³
+    phase lattices x[a::d, b::d, c::d] as the same layer undilated: output voxel a + d·m reads
+    input voxels a + d·(m + k), so out[a::d, b::d, c::d] = undilated(x[a::d, b::d, c::d])
+    exactly. TensorFlow computes a dilated convolution through space-to-batch on every call,
+    and on 64³ blocks that ran at 113-148 GFLOP/s against 190-207 undilated (issue 14)."""
     out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
-    sides, counts = _block_grid(out_shape, block)
-    function = _traced(layer)
+    rates, sides, lattices = _plan(layer, out_shape, block)
+    halo = [h // r for h, r in zip(halo, rates)]
+    run = _runs_as(layer)
+    function = _traced(run)
     out = None
-    for i in range(counts[0]):
-        for j in range(counts[1]):
-            for k in range(counts[2]):
-                s = [i * sides[0], j * sides[1], k * sides[2]]
-                piece = x[:, s[0]:s[0] + sides[0] + halo[0], s[1]:s[1] + sides[1] + halo[1],
-                          s[2]:s[2] + sides[2] + halo[2]]
-                short = [sd + h - n for sd, h, n in zip(sides, halo, piece.shape[1:4])]
-                if any(short):   # a last block past the end: zero-padded to the common shape
-                    piece = np.pad(piece, [(0, 0)] + [(0, n) for n in short] + [(0, 0)])
-                if on_block is not None:
-                    on_block(layer, piece.shape)
-                result = np.asarray(function(tf.constant(piece)))
-                if out is None:   # exactly the output's size (a view of a larger one would keep it all)
-                    # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations
-                    out = np.empty((1, *out_shape, result.shape[-1]), result.dtype)
-                kept = [min(sd, n - st) for sd, n, st in zip(sides, out_shape, s)]
-                out[:, s[0]:s[0] + kept[0], s[1]:s[1] + kept[1], s[2]:s[2] + kept[2]] = \
-                    result[:, :kept[0], :kept[1], :kept[2]]
+    for lattice, counts in lattices:
+        source = x[lattice]
+        for start in itertools.product(*(range(0, c * sd, sd) for c, sd in zip(counts, sides))):
+            piece = source[:, start[0]:start[0] + sides[0] + halo[0], start[1]:start[1] + sides[1] + halo[1],
+                           start[2]:start[2] + sides[2] + halo[2]]
+            short = [sd + h - n for sd, h, n in zip(sides, halo, piece.shape[1:4])]
+            if any(short):   # a last block past the end: zero-padded to the common shape
+                piece = np.pad(piece, [(0, 0)] + [(0, n) for n in short] + [(0, 0)])
+            if on_block is not None:
+                on_block(run, piece.shape)
+            result = np.asarray(function(tf.constant(piece)))
+            if out is None:   # exactly the output's size (a view of a larger one would keep it all)
+                # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations
+                out = np.empty((1, *out_shape, result.shape[-1]), result.dtype)
+            target = out[lattice]
+            kept = [min(sd, n - st) for sd, n, st in zip(sides, target.shape[1:4], start)]
+            target[:, start[0]:start[0] + kept[0], start[1]:start[1] + kept[1], start[2]:start[2] + kept[2]] = \
+                result[:, :kept[0], :kept[1], :kept[2]]
     return out
+
+
+def _plan(layer, out_shape, block):
+    """(dilation per axis, output block sides, [(phase lattice index, blocks per axis)]) of a
+    windowed layer over an output of `out_shape`. The block sides come from the largest
+    lattice (the first) and serve all of them: one block shape per layer."""
+    rates = _phase_rates(layer)
+    sides = None
+    lattices = []
+    for phase in itertools.product(*map(range, rates)):
+        lattice_shape = [len(range(p, n, r)) for p, n, r in zip(phase, out_shape, rates)]
+        if min(lattice_shape) == 0:
+            continue
+        if sides is None:
+            sides, _ = _block_grid(lattice_shape, block)
+        lattices.append(((slice(None),) + tuple(slice(p, None, r) for p, r in zip(phase, rates)),
+                         [math.ceil(n / sd) for n, sd in zip(lattice_shape, sides)]))
+    return rates, sides, lattices
+
+
+def _runs_as(layer):
+    """The layer `_blockwise` calls on blocks: the layer itself, or its undilated twin."""
+    return layer if _phase_rates(layer) == (1, 1, 1) else _undilated(layer)
+
+
+def _phase_rates(layer):
+    """Per-axis dilation of a windowed layer (computed on its phase lattices)."""
+    if isinstance(layer, keras.layers.Conv3D):
+        return tuple(int(d) for d in layer.dilation_rate)
+    return (layer.rate,) * 3   # DilatedMaxPool3D
+
+
+_UNDILATED = weakref.WeakKeyDictionary()   # dilated layer -> its undilated twin
+
+
+def _undilated(layer):
+    """The same layer with dilation 1, holding a copy of the layer's current weights (copied on
+    every call: a few MB, and the weights may have been trained since)."""
+    if layer not in _UNDILATED:
+        rate = {"dilation_rate": 1} if isinstance(layer, keras.layers.Conv3D) else {"rate": 1}
+        twin = type(layer).from_config({**layer.get_config(), **rate, "name": f"{layer.name}_undilated"})
+        twin.build(layer.input.shape)
+        _UNDILATED[layer] = twin
+    twin = _UNDILATED[layer]
+    twin.set_weights(layer.get_weights())
+    return twin
