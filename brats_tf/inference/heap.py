@@ -3,8 +3,8 @@
 Layer-wise inference allocates and frees arrays of 40 MB to 2 GB over and over: every
 layer's output, every block's input tensor. glibc serves each allocation above 32 MB with a
 fresh mmap and returns it to the kernel when freed, so every one of them is page-faulted in
-again. On this machine a fresh page costs ~1 s per GB (bench/bench_layerwise.py: 25 of 79 s of
-model A at paper widths went to copies into fresh pages). Inside `reused_heap()` glibc serves
+again. On this machine a fresh page costs ~1 s per GB: profiled, model A at paper widths took
+79 s, and 54 s with glibc told to keep freed memory (BUILD_NOTES, issue 14). Inside `reused_heap()` glibc serves
 large allocations from its heap and keeps what is freed for the next one; on leaving, the
 settings are restored and `malloc_trim` hands the free pages back to the kernel.
 
