@@ -80,6 +80,29 @@ def test_layerwise_runs_dilated_layers_undilated_on_their_phase_lattices():
     assert any(layer.name.endswith("_undilated") for layer, _, _ in listed)
 
 
+def test_layerwise_blocks_reach_tensorflow_without_a_copy_when_aligned():
+    """A block handed to TensorFlow shares its memory (float32, and bfloat16 through uint16)
+    when it starts on the alignment TensorFlow's kernels require; an unaligned one is copied
+    (TensorFlow would abort on it), with the same values."""
+    import ml_dtypes
+    from brats_tf.inference.layerwise import TENSOR_ALIGNMENT, _aligned_empty, _as_tensor
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        block = _aligned_empty((1, 5, 6, 7, 3), dtype)
+        assert block.ctypes.data % TENSOR_ALIGNMENT == 0 and block.flags.c_contiguous
+        block[...] = np.arange(block.size).reshape(block.shape) % 7
+        tensor = _as_tensor(block)
+        np.testing.assert_array_equal(np.asarray(tensor), block)
+        block[0, 0, 0, 0, 0] = 42
+        assert float(tensor[0, 0, 0, 0, 0]) == 42   # the same memory
+        raw = np.empty(4 * 210 + TENSOR_ALIGNMENT + 4, np.uint8)
+        offset = -raw.ctypes.data % TENSOR_ALIGNMENT + 4
+        unaligned = raw[offset:offset + 4 * 210].view(np.float32).reshape(1, 5, 6, 7, 1)
+        unaligned[...] = 3
+        copied = _as_tensor(unaligned)
+        unaligned[...] = 5
+        assert float(copied[0, 0, 0, 0, 0]) == 3
+
+
 def _small_3d(kind="A", features=3, presence=False):
     from brats_tf.models import unet3d
     keras.utils.set_random_seed(1)

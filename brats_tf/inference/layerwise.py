@@ -23,6 +23,7 @@ import functools
 import itertools
 import math
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import keras
 import numpy as np
@@ -39,13 +40,17 @@ PER_VOXEL = (SelectChannels, SequenceGate, PresenceChannels)
 # of the widest layer needs < 2 GB of convolution workspace (BUILD_NOTES, issue 14).
 DEFAULT_BLOCK = 64
 # A windowed layer's block costs about this many times its input and output blocks while it
-# runs (oneDNN's reordered copies of both, the padded piece, the result array).
+# runs (oneDNN's reordered copies of both, the two input buffers filled in turn, the result
+# array and the one still being written).
 BLOCK_WORKSPACE_FACTOR = 4
 # The process's resident memory grows by up to 1.2 times the arrays and workspace counted
 # (TensorFlow's own buffers, and freed arrays kept in glibc's heap for reuse, inference/heap.py:
 # 1.19 fp32, 1.20 bf16, model A at paper widths on the real case; 1.05-1.09 before the heap
 # was kept): `peak_bytes` includes this so that it bounds what was measured.
 ALLOCATOR_OVERHEAD = 1.25
+# Byte alignment TensorFlow's CPU kernels require of a tensor's memory (Eigen's EIGEN_MAX_ALIGN_BYTES
+# with AVX-512); a block handed over without a copy must start on it.
+TENSOR_ALIGNMENT = 64
 
 
 def predict_layerwise_3d(model, volume, margin, present=None, block=DEFAULT_BLOCK, on_block=None):
@@ -235,32 +240,84 @@ def _blockwise(layer, x, halo, block, on_block=None):
     phase lattices x[a::d, b::d, c::d] as the same layer undilated: output voxel a + d·m reads
     input voxels a + d·(m + k), so out[a::d, b::d, c::d] = undilated(x[a::d, b::d, c::d])
     exactly. TensorFlow computes a dilated convolution through space-to-batch on every call,
-    and on 64³ blocks that ran at 113-148 GFLOP/s against 190-207 undilated (issue 14)."""
+    and on 64³ blocks that ran at 113-148 GFLOP/s against 190-207 undilated (issue 14).
+
+    The copies around the blocks (cutting the next input block, writing the last output block)
+    run on a second thread while TensorFlow computes the current block: they are single-threaded
+    NumPy copies that otherwise leave a core idle (a third of model A's time, BUILD_NOTES)."""
     out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
     rates, sides, lattices = _plan(layer, out_shape, block)
     halo = [h // r for h, r in zip(halo, rates)]
     run = _runs_as(layer)
     function = _traced(run)
+    blocks = [(lattice, start) for lattice, counts in lattices
+              for start in itertools.product(*(range(0, c * sd, sd) for c, sd in zip(counts, sides)))]
+    # two input blocks, filled in turn: the next one while TensorFlow reads the current one
+    shape = (1, *(sd + h for sd, h in zip(sides, halo)), x.shape[-1])
+    buffers = [_aligned_empty(shape, x.dtype) for _ in range(2)]
     out = None
-    for lattice, counts in lattices:
-        source = x[lattice]
-        for start in itertools.product(*(range(0, c * sd, sd) for c, sd in zip(counts, sides))):
-            piece = source[:, start[0]:start[0] + sides[0] + halo[0], start[1]:start[1] + sides[1] + halo[1],
-                           start[2]:start[2] + sides[2] + halo[2]]
-            short = [sd + h - n for sd, h, n in zip(sides, halo, piece.shape[1:4])]
-            if any(short):   # a last block past the end: zero-padded to the common shape
-                piece = np.pad(piece, [(0, 0)] + [(0, n) for n in short] + [(0, 0)])
+    pending = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-copies") as copier:
+        ahead = copier.submit(_input_block, x, *blocks[0], sides, halo, buffers[0])
+        for index, (lattice, start) in enumerate(blocks):
+            piece = ahead.result()
+            if index + 1 < len(blocks):
+                ahead = copier.submit(_input_block, x, *blocks[index + 1], sides, halo, buffers[(index + 1) % 2])
             if on_block is not None:
                 on_block(run, piece.shape)
-            result = np.asarray(function(tf.constant(piece)))
+            result = np.asarray(function(_as_tensor(piece)))   # TensorFlow releases the GIL while it runs
             if out is None:   # exactly the output's size (a view of a larger one would keep it all)
                 # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations
                 out = np.empty((1, *out_shape, result.shape[-1]), result.dtype)
-            target = out[lattice]
-            kept = [min(sd, n - st) for sd, n, st in zip(sides, target.shape[1:4], start)]
-            target[:, start[0]:start[0] + kept[0], start[1]:start[1] + kept[1], start[2]:start[2] + kept[2]] = \
-                result[:, :kept[0], :kept[1], :kept[2]]
+            pending.append(copier.submit(_write_block, out, lattice, start, sides, result))
+        for write in pending:
+            write.result()   # re-raises a failed copy
     return out
+
+
+def _input_block(x, lattice, start, sides, halo, block):
+    """Fills `block` (1, sides + halo, C) with the input of the output block at `start` on a
+    phase lattice of `x`, zero-padded where it runs past the end; returns it."""
+    piece = _copyable(x)[lattice][:, start[0]:start[0] + sides[0] + halo[0],
+                                  start[1]:start[1] + sides[1] + halo[1], start[2]:start[2] + sides[2] + halo[2]]
+    target = _copyable(block)
+    target[:, :piece.shape[1], :piece.shape[2], :piece.shape[3]] = piece
+    for axis in (1, 2, 3):   # a last block past the end: the rest zero (it held an earlier block)
+        if piece.shape[axis] < target.shape[axis]:
+            target[(slice(None),) * axis + (slice(piece.shape[axis], None),)] = 0
+    return block
+
+
+def _aligned_empty(shape, dtype):
+    """An uninitialized array whose data starts on a TENSOR_ALIGNMENT boundary."""
+    dtype = np.dtype(dtype)
+    size = math.prod(shape) * dtype.itemsize
+    raw = np.empty(size + TENSOR_ALIGNMENT, np.uint8)
+    offset = -raw.ctypes.data % TENSOR_ALIGNMENT
+    return raw[offset:offset + size].view(dtype).reshape(shape)
+
+
+def _as_tensor(block):
+    """A tensor sharing `block`'s memory (aligned, contiguous; it stays alive as long as the
+    tensor): tf.constant would copy it, a third of a block's copying. DLPack has no bfloat16
+    in NumPy, so bfloat16 goes across as uint16 and is bitcast back."""
+    if block.ctypes.data % TENSOR_ALIGNMENT:
+        return tf.constant(block)   # unaligned memory would fail TensorFlow's alignment check
+    tensor = tf.experimental.dlpack.from_dlpack(_copyable(block).__dlpack__())
+    return tf.bitcast(tensor, tf.bfloat16) if block.dtype.name == "bfloat16" else tensor
+
+
+def _write_block(out, lattice, start, sides, result):
+    target = _copyable(out)[lattice]
+    kept = [min(sd, n - st) for sd, n, st in zip(sides, target.shape[1:4], start)]
+    target[:, start[0]:start[0] + kept[0], start[1]:start[1] + kept[1], start[2]:start[2] + kept[2]] = \
+        _copyable(result)[:, :kept[0], :kept[1], :kept[2]]
+
+
+def _copyable(array):
+    """`array`, bfloat16 seen as uint16: NumPy copies a built-in dtype without holding the GIL
+    (ml_dtypes' bfloat16 goes through its generic per-item path)."""
+    return array.view(np.uint16) if array.dtype.name == "bfloat16" else array
 
 
 def _plan(layer, out_shape, block):
