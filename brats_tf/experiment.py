@@ -37,7 +37,8 @@ from brats_tf.io.cases import LAYOUT_CHOICES
 FLAGS = flags.FLAGS
 flags.DEFINE_enum("experiment", "demo", experiments.names(), "Which experiment.")
 flags.DEFINE_enum("scale", "demo", experiment_configs.SCALES,
-                  "demo: minutes on a 2-core CPU; paper: the papers' settings (a GPU/TPU).")
+                  "demo: minutes on a 2-core CPU; paper: the papers' settings (a GPU/TPU); cpu: the "
+                  "demo's models on real scans (--data_dir), resampled to 2 mm.")
 if unknown := experiment_configs.unknown_override(sys.argv):   # else a traceback while the default loads
     sys.exit(f"error: --config.{unknown}: no such field in the experiment config (brats_tf/configs/experiments.py)")
 config_flags.DEFINE_config_file("config", f"{experiment_configs.__file__}:demo",

@@ -255,3 +255,41 @@ def test_the_demo_with_cross_fold_features_adds_their_a_row_and_resumes(tmp_path
     experiments.run("demo", _args(tmp_path, config=config))
     out = capsys.readouterr().out
     assert "training" not in out and out.count(": complete (") == 6 + 6 + 8 + 3
+
+
+def test_folds_partition_the_cases_and_each_fold_tests_on_its_own():
+    ids = [f"c{i}" for i in range(7)]
+    config = get_config("cpu")
+    splits = [M.split_case_ids(ids, config, seed=0, fold=(j, 3)) for j in range(3)]
+    assert sorted(sum((s["test"] for s in splits), [])) == ids
+    for s in splits:
+        assert s["val"] == [] and sorted(s["train"] + s["test"]) == ids
+    with pytest.raises(ConfigError, match="more folds than the 7"):
+        M.split_case_ids(ids, config, seed=0, fold=(0, 8))
+
+
+@pytest.mark.slow
+def test_cross_validation_on_a_resampled_copy_scores_every_case_on_its_own_grid(tmp_path, capsys):
+    """cv_folds = 2 with spacing_mm: one resampled copy and one record set, two folds whose
+    test cases partition the data, label maps put back on the original grid, and one report
+    over every left-out case."""
+    config = get_config("tiny")
+    config.cv_folds, config.spacing_mm, config.num_cases = 2, 6.0, 6
+    report = open(experiments.run("demo", _args(tmp_path, config=config))).read()
+    assert "2-fold cross-validation" in report and "## Each left-out case" in report
+    phantoms = discover_cases(str(tmp_path / "data" / "phantoms"))
+    ids = [c.case_id for c in phantoms]
+    tests = [json.loads((tmp_path / f"fold{k}" / "split.json").read_text())["test"] for k in (1, 2)]
+    assert sorted(tests[0] + tests[1]) == ids and not set(tests[0]) & set(tests[1])
+    coarse = discover_cases(str(tmp_path / "data_6mm"))
+    assert nib.load(coarse[0].label.path).shape == (40, 40, 26)      # 48 x 48 x 40 at 5 x 5 x 3.875 mm
+    evaluation, _ = read_evaluation_csv(tmp_path / "demo" / "evaluation" / "ensemble.csv")
+    assert sorted(r["Label"] for r in evaluation) == ids
+    for case in phantoms:
+        fold = 1 if case.case_id in tests[0] else 2
+        pred = nib.load(tmp_path / f"fold{fold}" / "demo" / "predictions_original" / "ensemble"
+                        / f"{case.case_id}_seg.nii.gz")
+        ref = nib.load(case.label.path)
+        assert pred.shape == ref.shape and np.allclose(pred.affine, ref.affine)
+        assert f"| {case.case_id} | {fold} | {M.ENSEMBLE_ROW} |" in report
+    assert not (tmp_path / "fold1" / "records").exists()   # one record set, in the shared work dir

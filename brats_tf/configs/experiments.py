@@ -7,8 +7,9 @@ experiment reads, the model configs included, already resolved for that scale.
     python run_experiment.py --config=brats_tf/configs/experiments.py:tiny ...
 
 Presets: `paper` (the papers' settings, meant for a GPU/TPU), `demo` (the same code on a
-2-core CPU: each experiment in about 15 min) and `tiny` (the tests' twin: a few small
-phantoms and a few iterations per model).
+2-core CPU: each experiment in about 15 min), `cpu` (the demo's models on real scans given
+with --data_dir, resampled to 2 mm: BUILD_NOTES "A preset that learns from real scans") and
+`tiny` (the tests' twin: a few small phantoms and a few iterations per model).
 
 [M] experiments (demo, table1, table3, table2_missing):
 - `num_cases`, `shape`: phantoms synthesized when no --data_dir is given (shape None:
@@ -28,6 +29,12 @@ phantoms and a few iterations per model).
   training seeds it averages each test case's Dice over;
   `process_per_model`: train each model and extract each feature set in its own process
   (paper: TensorFlow keeps a model's peak memory for the life of its process).
+- `spacing_mm`: train and infer on a copy of the data resampled to this spacing (images
+  linear, labels nearest; io/resample.py), then score the label maps on the original grid
+  (None: the data's own grid); `cv_folds`: k >= 2 runs the experiment k times, fold j
+  testing on the j-th of k seeded folds of the cases (k = the number of cases: leave one
+  out), in <workdir>/fold<j>, and writes one report over every left-out case (demo, table1,
+  table3; None: one seeded split).
 - `twod`, `threed`: the train2d / train3d config every 2D / 3D model starts from. The
   experiment sets per model: model.kind, data.orientation (2D), features.* (2D-3D), seed,
   data.records_dir / train_cases / val_cases, train.subnetwork / pretrained_subnetworks
@@ -53,7 +60,7 @@ from brats_tf.configs import baselines, common, train2d, train3d
 from brats_tf.constants import TILE_SIZE_3D
 from brats_tf.errors import ConfigError
 
-SCALES = ("demo", "paper")            # run_experiment.py --scale
+SCALES = ("demo", "paper", "cpu")     # run_experiment.py --scale
 PRESETS = SCALES + ("tiny",)
 
 
@@ -69,7 +76,7 @@ def get_config(preset="demo"):
         c.num_cases, c.test_fraction, c.num_val, c.pretrain_iterations = 285, 50 / 285, 5, 5000
         c.twod, c.threed = train2d.get_config("paper"), train3d.get_config("paper")
         c.twod.train.iterations, c.threed.train.iterations = 20000, 20000
-    elif preset == "demo":
+    elif preset in ("demo", "cpu"):
         # 2-core CPU, the demo in <= 15 min: small phantoms, small widths, few iterations.
         # Smaller normalized-gradient steps than the paper's 0.25, which made the loss of these
         # small networks spike in short runs (measured: 2D axial validation Dice 0.15 -> 0.76
@@ -96,6 +103,15 @@ def get_config(preset="demo"):
         c.threed.model.levels, c.threed.model.final, c.threed.model.input_size = (2, 2, 2), 2, 46
         c.threed.optim.accumulation_steps = 1
         c.threed.train.val_every, c.threed.train.checkpoint_every = 0, 1
+    c.spacing_mm = ml_collections.FieldReference(None, field_type=float)
+    c.cv_folds = ml_collections.FieldReference(None, field_type=int)
+    if preset == "cpu":
+        # Real 240 x 240 x 155 scans on 2 cores: the demo's models at 2 mm (slices and 3D
+        # inference as cheap as the demo's phantoms), every labeled case but the test one
+        # for training (no validation case to spare among BraTS 2013's four).
+        c.shape = None
+        c.spacing_mm = 2.0
+        c.num_val, c.test_fraction = 0, 0.25
     if preset != "paper":
         # Op determinism and one inter-op thread: same seed, same table (tiny: tested; demo:
         # two full runs gave identical tables, BUILD_NOTES "The demo, reproducibly").
@@ -104,8 +120,8 @@ def get_config(preset="demo"):
     c.sequence_dropout = train2d.SEQUENCE_DROPOUT   # missing_inference's model (a)
     # missing_inference's two models (None: twod.train.iterations). Demo: longer than the other
     # 2D models, since the dropout model meets each of the 15 subsets in a fraction of its slices.
-    c.missing_iterations = ml_collections.FieldReference(240 if preset == "demo" else None, field_type=int)
-    demo = preset == "demo"
+    c.missing_iterations = ml_collections.FieldReference(240 if preset in ("demo", "cpu") else None, field_type=int)
+    demo = preset in ("demo", "cpu")
     c.features = ml_collections.ConfigDict({"folds": ml_collections.FieldReference(None, field_type=int)})
     c.standard_iterations = ml_collections.FieldReference(90 if demo else None, field_type=int)
     c.standard_input_size = ml_collections.FieldReference(62 if demo else None, field_type=int)   # 18³ labels
@@ -123,7 +139,7 @@ def table2_config(preset):
     t = ml_collections.ConfigDict()
     t.num_cases = ml_collections.FieldReference(None, field_type=int)   # None: the scale's num_cases
     t.seeds = 1
-    if preset == "demo":
+    if preset in ("demo", "cpu"):
         t.num_cases, t.seeds = 36, 3
     return t
 
@@ -137,7 +153,7 @@ def shen_config(preset):
         s.site_shapes = {"a": ml_collections.FieldReference(None, field_type=tuple),
                          "b": ml_collections.FieldReference(None, field_type=tuple)}
         s.test_fraction, s.num_val, s.target_train, s.transfer_iterations = 44 / 222, 5, 11, 2000
-    elif preset == "demo":
+    elif preset in ("demo", "cpu"):
         # CPU demo (each experiment < 15 min on 2 cores): site B keeps the paper's matrix
         # ratios to site A (2/3 in-plane, 1/3 of the slices).
         s.site_cases = {"a": 24, "b": 16}
@@ -179,7 +195,7 @@ def from_flags(config_flag, scale_flag):
 # Lower bounds of the experiment-level fields (the model sections: common.check_ranges).
 MINIMUM = {"num_cases": 1, "num_val": 0, "pretrain_iterations": 0, "tile_size": 1, "table2.seeds": 1,
            "table2.num_cases": 1, "missing_iterations": 1, "standard_iterations": 1,
-           "standard_input_size": 1, "features.folds": 2,
+           "standard_input_size": 1, "features.folds": 2, "cv_folds": 2, "spacing_mm": 0.1,
            "shen.num_val": 0, "shen.target_train": 1, "shen.transfer_iterations": 0}
 
 

@@ -3,11 +3,13 @@
 An experiment is a function taking a flags-like object and returning the path of its
 report. The object's attributes: `config`, the run's experiment config (a preset of
 brats_tf/configs/experiments.py with the --config.x overrides; None: the `scale` preset),
-`scale` ("demo" | "paper" | "tiny"; used when `config` is None), `workdir`, `data_dir`,
+`scale` ("demo" | "paper" | "cpu" | "tiny"; used when `config` is None), `workdir`, `data_dir`,
 `layout`, `layout_file`, `target_data_dir`, `test_dir`, `seed`, `strategy` (set on every
 2D / 3D model config whose train.strategy is "off"), and optionally `config_2d` /
 `config_3d`, the old spelling of the model overrides (lists of KEY=VALUE, applied last to
-every 2D / 3D model). Flags not given are None.
+every 2D / 3D model). Flags not given are None. With `config.cv_folds`, the [M] experiments
+run once per fold with a copy of the object carrying `cv_fold` = (j, k) and
+`shared_workdir` (where the data copy and records are shared).
 
 EXPERIMENTS below is the registry; add new experiments there. Its modules import
 TensorFlow, so they are imported when an experiment runs, not for `--help`.

@@ -49,7 +49,8 @@ from brats_tf.errors import ConfigError, DataError
 from brats_tf.experiments import common
 from brats_tf.io.cases import discover_cases, load_case
 from brats_tf.io.labels import map_labels, write_label_map
-from brats_tf.io.nifti import load_volume
+from brats_tf.io.nifti import Geometry, load_header, load_volume
+from brats_tf.io import resample
 from brats_tf.io.files import read_json, write_json
 from brats_tf.io import splits
 from brats_tf.records import reader
@@ -106,6 +107,7 @@ class Data:
     test_dir: str                # where the test cases are (data_dir unless --test_dir)
     test_layout: str
     test_layout_file: str
+    original_test_dir: str = None   # the test cases on their own grid, when test_dir is resampled
 
 
 # ------------------------------------------------------------------ the experiments
@@ -129,6 +131,23 @@ STAGES = ("data and records", "2D models", "cross-fold 2D models", "2D features"
 
 
 def _method_tables(args, experiment, with_unet, title):
+    """The whole method on one seeded split, or (`cv_folds`) on each fold in turn with one
+    report over every left-out case."""
+    folds = common.experiment_config(args).cv_folds
+    if folds:
+        return _cross_validation(args, experiment, with_unet, title, folds)
+    return _one_split(args, experiment, with_unet, title).report
+
+
+@dataclasses.dataclass
+class SplitResult:
+    report: str
+    evaluations: dict            # {row: per-case rows}
+    comparisons: list
+    run: object
+
+
+def _one_split(args, experiment, with_unet, title):
     run = Run(args, experiment, STAGES)
     with run.stage("data and records"):
         data = run.prepare_data()
@@ -154,6 +173,7 @@ def _method_tables(args, experiment, with_unet, title):
     with run.stage("inference and vote"):
         pred_dirs = run.predict(rows, dirs, data, vote=[m.row for m in SIX_2D3D])
     with run.stage("evaluation"):
+        pred_dirs, data = run.on_original_grid(pred_dirs, data)
         evaluations = run.evaluate(pred_dirs, data)
     a1 = SIX_2D3D[0].row
     comparisons = [("Standard 3D vs 2D-3D", STANDARD_3D.row, a1),
@@ -166,7 +186,61 @@ def _method_tables(args, experiment, with_unet, title):
         path = run.report(title, evaluations, comparisons, logs, pred_dirs, data,
                           overlay_rows=[twod("model1").row, STANDARD_3D.row, a1, ENSEMBLE_ROW],
                           feature_dir=feature_dirs["model1"])
+    return SplitResult(path, evaluations, comparisons, run)
+
+
+def _cross_validation(args, experiment, with_unet, title, folds):
+    """`folds` runs of the whole method in <workdir>/fold<j> (shared data and records), fold j
+    testing on the j-th seeded fold of the labeled cases; then <workdir>/<experiment>/report.md
+    over every left-out case (each case scored by the models that did not see it)."""
+    if getattr(args, "test_dir", None):
+        raise ConfigError("--config.cv_folds tests on folds of --data_dir; it cannot take --test_dir too")
+    work = os.path.abspath(args.workdir or os.path.join("runs", experiment))
+    results = []
+    for fold in range(folds):
+        print(f"fold {fold + 1} of {folds}", flush=True)
+        fold_args = _FoldArgs(args, workdir=os.path.join(work, f"fold{fold + 1}"), cv_fold=(fold, folds),
+                              shared_workdir=work)
+        results.append(_one_split(fold_args, experiment, with_unet, f"{title}, fold {fold + 1} of {folds}"))
+    evaluations = {row: [r for result in results for r in result.evaluations[row]] for row in results[0].evaluations}
+    for row, rows in evaluations.items():
+        name = os.path.basename(results[0].run.evaluation_csvs[row])
+        evaluate.write_evaluation_csv(os.path.join(work, experiment, "evaluation", name), rows)
+    notes = [cross_validation_note(results), results[0].run._settings_note(results[0].run.data)]
+    path = markdown.write_report(os.path.join(work, experiment), evaluations, results[0].comparisons,
+                                 title=f"{title}: {folds}-fold cross-validation", notes=notes)
+    print("\nMean Dice x 100 over the left-out cases of every fold:\n" + tables.mean_dice_table(evaluations),
+          flush=True)
     return path
+
+
+class _FoldArgs:
+    """The run's flags with a fold's work dir and fold number set."""
+
+    def __init__(self, args, **override):
+        self._args, self._override = args, override
+
+    def __getattr__(self, name):
+        return self._override[name] if name in self._override else getattr(self._args, name)
+
+
+def cross_validation_note(results):
+    """Per-case Dice of every model (each case from the fold that left it out) and each
+    fold's time per stage."""
+    regions = stats.PAPER_REGIONS
+    rows = []
+    for number, result in enumerate(results, 1):
+        for row, cases in result.evaluations.items():
+            for case in cases:
+                rows.append([case["Label"], str(number), row] + [f"{100 * case[f'Dice_{g}']:.1f}" for g in regions])
+    stage_rows = [[str(number)] + [f"{result.run.timings.data.get('stages', {}).get(t, 0):.0f}"
+                                   for t in result.run.stages.titles]
+                  for number, result in enumerate(results, 1)]
+    return "\n".join([
+        "## Each left-out case (Dice x 100)\n",
+        tables.markdown_table(["Case", "Fold", "Model"] + list(regions), rows),
+        "## Time per fold and stage (seconds; a stage a re-run found complete takes ~0 s)\n",
+        tables.markdown_table(["Fold"] + list(results[0].run.stages.titles), stage_rows)])
 
 
 MISSING_STAGES = ("data and records", "subnetwork pretraining", "2D models", "inference", "evaluation", "report")
@@ -276,6 +350,7 @@ class Run:
         self.scale = common.experiment_config(args)   # the scale's preset with this run's overrides
         self.work = os.path.abspath(args.workdir or os.path.join("runs", experiment))
         self.out_dir = os.path.join(self.work, experiment)
+        self.shared = os.path.abspath(getattr(args, "shared_workdir", None) or self.work)   # data, records
         self.started = time.time()
         self.timings = common.Timings(os.path.join(self.out_dir, "timings.json"))
         self.timings.data.pop("stages", None)   # this run's stage times only
@@ -291,23 +366,57 @@ class Run:
         no --data_dir is given."""
         a, scale = self.args, self.scale
         layout, layout_file = (a.layout, a.layout_file) if a.data_dir else ("auto", None)
-        data_dir = common.synthesize_unless_given(a.data_dir, self.work, "phantoms", num_cases or scale.num_cases,
+        data_dir = common.synthesize_unless_given(a.data_dir, self.shared, "phantoms", num_cases or scale.num_cases,
                                                   a.seed, scale.shape)
-        records_dir = os.path.join(self.work, "records")
+        external = bool(getattr(a, "test_dir", None))
+        original_test_dir = os.path.abspath(a.test_dir) if external else data_dir
+        data_dir = self._resampled(data_dir, "data", layout, layout_file)
+        records_dir = os.path.join(self.shared, "records")
         manifest = common.ensure_records(data_dir, records_dir, layout, layout_file)
         ids = common.labeled_ids(manifest)
-        external = bool(getattr(a, "test_dir", None))
+        fold = getattr(a, "cv_fold", None)
         split = splits.load_or_make(os.path.join(self.work, splits.SPLIT_FILE),
-                                    lambda: split_case_ids(ids, scale, a.seed, external, subsets), known_ids=ids)
+                                    lambda: split_case_ids(ids, scale, a.seed, external, subsets, fold=fold),
+                                    known_ids=ids)
         if external:
             test_cases = [c for c in discover_cases(a.test_dir, layout, layout_file) if c.label is not None]
             if not test_cases:
                 raise DataError(a.test_dir, "no labeled cases to test on")
             split = dict(split, test=sorted(c.case_id for c in test_cases))
-        test_dir = os.path.abspath(a.test_dir) if external else data_dir
+        test_dir = self._resampled(original_test_dir, "test", layout, layout_file) if external else data_dir
         print(f"  split: {len(split['train'])} train / {len(split['val'])} validation / {len(split['test'])} test "
               f"cases ({os.path.join(self.work, 'split.json')})", flush=True)
-        return Data(data_dir, layout, layout_file, records_dir, manifest, split, test_dir, layout, layout_file)
+        self.data = Data(data_dir, layout, layout_file, records_dir, manifest, split, test_dir, layout, layout_file,
+                         original_test_dir=original_test_dir if scale.spacing_mm else None)
+        return self.data
+
+    def _resampled(self, data_dir, name, layout, layout_file):
+        """`data_dir`, or with the scale's `spacing_mm` its resampled copy <shared work>/<name>_<s>mm."""
+        spacing = self.scale.spacing_mm
+        if not spacing:
+            return data_dir
+        out_dir = os.path.join(self.shared, f"{name}_{spacing:g}mm")
+        print(f"  {data_dir} resampled to {spacing:g} mm in {out_dir}", flush=True)
+        return resample.resample_dataset(data_dir, out_dir, layout, layout_file, spacing)
+
+    def on_original_grid(self, pred_dirs, data):
+        """(pred_dirs, data) to score: when the test cases were resampled, each label map put
+        back on its case's original grid (nearest voxel) under predictions_original/, and the
+        data's test dir the original one."""
+        if not data.original_test_dir:
+            return pred_dirs, data
+        originals = {c.case_id: c for c in discover_cases(data.original_test_dir, data.test_layout,
+                                                          data.test_layout_file)}
+        out = {}
+        for row, pred_dir in pred_dirs.items():
+            out[row] = os.path.join(self.out_dir, "predictions_original", os.path.basename(pred_dir))
+            for case_id in data.split["test"]:
+                labels, geometry = load_label_map(_pred_file(pred_dir, case_id))
+                original = load_header(next(iter(originals[case_id].images.values())).path)
+                target = Geometry(tuple(original.shape[:3]), original.affine, original.header)
+                write_label_map(_pred_file(out[row], case_id), resample.labels_on_grid(labels, geometry, target),
+                                target, "brats2017")
+        return out, dataclasses.replace(data, test_dir=data.original_test_dir)
 
     def missing_data(self, data):
         """Records of a linked copy of the data where subset k+1 lacks the k-th sequence."""
@@ -462,14 +571,15 @@ class Run:
     def evaluate(self, pred_dirs, data):
         """{row: per-case metric rows} over the test cases (BraTS metrics), each also written
         to `evaluation/<model>.csv`."""
-        evaluations = {}
+        evaluations, self.evaluation_csvs = {}, {}
         for row, pred_dir in pred_dirs.items():
             evaluation = evaluate.evaluate_dirs(pred_dir, data.test_dir, data.test_layout, data.test_layout_file,
                                                workers=1, progress=False)
             if evaluation.predictions_without_reference:
                 raise DataError(pred_dir, f"predictions without reference: {evaluation.predictions_without_reference}")
             csv_name = f"{os.path.basename(pred_dir)}.csv"
-            evaluate.write_evaluation_csv(os.path.join(self.out_dir, "evaluation", csv_name), evaluation.rows)
+            self.evaluation_csvs[row] = os.path.join(self.out_dir, "evaluation", csv_name)
+            evaluate.write_evaluation_csv(self.evaluation_csvs[row], evaluation.rows)
             evaluations[row] = evaluation.rows
         return evaluations
 
@@ -569,12 +679,19 @@ def train_model(config, model_dir):
     return trainer_class(config.stage)(config, model_dir).run()
 
 
-def split_case_ids(ids, scale, seed, external_test=False, subsets=0):
-    """Seeded split over sorted ids: test (a fraction; none with an external test set),
-    validation (kept small so at least two training cases remain), train; with `subsets`,
-    the training ids are also dealt into that many seeded subsets of near-equal size."""
+def split_case_ids(ids, scale, seed, external_test=False, subsets=0, fold=None):
+    """Seeded split over sorted ids: test (a fraction; none with an external test set; with
+    `fold` = (j, k): the j-th of k folds dealt from the seeded order), validation (kept small
+    so at least two training cases remain), train; with `subsets`, the training ids are also
+    dealt into that many seeded subsets of near-equal size."""
     order = splits.seeded_order(ids, seed)
     num_test = 0 if external_test else max(1, round(len(ids) * scale.test_fraction))
+    if fold is not None:
+        j, k = fold
+        if k > len(ids):
+            raise ConfigError(f"--config.cv_folds={k}: more folds than the {len(ids)} labeled cases")
+        test = order[j::k]
+        order, num_test = test + [i for i in order if i not in test], len(test)
     num_val = min(scale.num_val, max(len(ids) - num_test - 2, 0))
     split = {"test": sorted(order[:num_test]), "val": sorted(order[num_test:num_test + num_val]),
              "train": sorted(order[num_test + num_val:])}
