@@ -280,3 +280,55 @@ def test_sampling_metadata_round_trips_through_writer_and_reader(tmp_path):
         centers = ex["class_centers"][c, :count].astype(int)
         assert voxels[tuple(centers.T)].all() and len({tuple(v) for v in centers}) == count
     assert brain[tuple(ex["brain_centers"][:ex["brain_center_count"]].astype(int).T)].all()
+
+
+def _scaled_copy(a, b):
+    """a == f * b for one factor f (over b's non-zero voxels; zero where b is)."""
+    inside = b != 0
+    if not np.array_equal(a != 0, inside) or not inside.any():
+        return False
+    ratio = a[inside] / b[inside]
+    return np.ptp(ratio) < 1e-5
+
+
+@pytest.mark.parametrize("orientation", ORIENTATIONS + ("patch",))
+def test_augmented_batches_are_the_plain_ones_mirrored_left_right_and_scaled(tmp_path, orientation):
+    """flip_lr / intensity_scale: each example is the un-augmented stream's example, mirrored
+    along array axis 0 (left-right; never for sagittal slices, which lack it) or not, x and y
+    alike, its image channels scaled by one factor each in [0.9, 1.1], its feature channels
+    unchanged; the same seed gives the same augmented batches."""
+    cases = [_case(0), _case(1)]
+    features = [np.full(c.label.shape + (2,), 7, np.float16) for c in cases] if orientation == "patch" else None
+    source = write_source(tmp_path, cases, features)
+
+    def stream(**augment):
+        if orientation == "patch":
+            return streams.PatchStream(source, 12, 6, 4, seed=3, window_cases=2, **augment)
+        return streams.SliceStream(source, orientation, 4, streams.slice_shape(source, orientation, 4), seed=3,
+                                   window_cases=2, **augment)
+
+    augmented = stream(flip_lr=True, intensity_scale=0.1)
+    flips = []
+    for (x0, y0), (x1, y1) in zip(stream().dataset(num_batches=8).as_numpy_iterator(),
+                                  augmented.dataset(num_batches=8).as_numpy_iterator()):
+        for i in range(4):
+            # Channel 0 is the voxel's array index along axis 0 (+1): it runs the other way when mirrored.
+            mirrored = _scaled_copy(x1[i, ..., 0], x0[i][::-1][..., 0]) and not _scaled_copy(x1[i, ..., 0],
+                                                                                         x0[i][..., 0])
+            plain_x, plain_y = (x0[i][::-1], y0[i][::-1]) if mirrored else (x0[i], y0[i])
+            np.testing.assert_array_equal(y1[i], plain_y)
+            for k in range(3):
+                inside = plain_x[..., k] > 0
+                if not inside.any():
+                    continue
+                factor = x1[i][..., k][inside] / plain_x[..., k][inside]
+                assert 0.9 - 1e-6 <= factor.min() and factor.max() <= 1.1 + 1e-6 and np.ptp(factor) < 1e-5
+            np.testing.assert_array_equal(x1[i][..., 3:], plain_x[..., 3:])   # 2D features: unchanged
+            flips.append(mirrored)
+    if orientation == "sagittal":
+        assert not any(flips)
+    else:
+        assert 0 < sum(flips) < len(flips)
+    again = [x for x, _ in augmented.dataset(num_batches=3).as_numpy_iterator()]
+    first = [x for x, _ in augmented.dataset(num_batches=3).as_numpy_iterator()]
+    assert all(np.array_equal(a, b) for a, b in zip(again, first))

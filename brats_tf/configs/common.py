@@ -34,6 +34,17 @@ def case_selection(num_val_cases, window_cases=8):
 SEQUENCE_DROPOUT = 0.25   # the `*_dropout` presets; with four sequences all four kept in 32 % of examples
 
 
+def augmentation(data):
+    """In-graph augmentation fields of a trainer's `data` (records/streams.py `augment`); None:
+    off, as every run before them. `flip_lr`: mirror each example left-right (array axis 0 of
+    the volumes, BraTS's L-R axis; sagittal slices have no such axis and stay as they are)
+    with probability 1/2; `intensity_scale` s: multiply each image channel of each example by
+    a factor uniform in [1 - s, 1 + s] (2D feature channels keep their values)."""
+    data.flip_lr = ml_collections.FieldReference(None, field_type=bool)
+    data.intensity_scale = ml_collections.FieldReference(None, field_type=float)
+    return data
+
+
 def sequence_dropout():
     """data.sequence_dropout: None builds the paper's model (one input, every sequence needed);
     a probability p in [0, 1) builds it with a `present` input (issue 15) and drops each present
@@ -84,7 +95,7 @@ def training_loop(iterations, checkpoint_every, val_every):
 MINIMUM = {"seed": 0, "train.iterations": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
            "train.val_every": 0, "data.batch_size": 1, "data.num_val_cases": 0, "data.window_cases": 1,
            "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1,
-           "train.micro_batches": 1}
+           "train.micro_batches": 1, "data.intensity_scale": 0}
 POSITIVE = ("optim.learning_rate",)
 
 

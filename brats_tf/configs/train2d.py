@@ -37,6 +37,7 @@ def get_config(preset="small"):
     c.data.tumor_fraction = 0.5             # share of non-guaranteed slices drawn from tumor slices
     # Sequence dropout (common.sequence_dropout): the `present` input gates each subnetwork.
     c.data.sequence_dropout = common.sequence_dropout()
+    common.augmentation(c.data)
 
     c.loss = ml_collections.ConfigDict()
     c.loss.target_weights = (0.7, 0.1, 0.1, 0.1)

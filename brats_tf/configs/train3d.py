@@ -54,6 +54,7 @@ def get_config(preset="small"):
     c.data.sampling = "class_balanced"      # class_balanced | tumor_balanced | uniform
     # Sequence dropout (common.sequence_dropout): image channels zero-filled plus presence channels.
     c.data.sequence_dropout = common.sequence_dropout()
+    common.augmentation(c.data)
 
     c.features = ml_collections.ConfigDict()
     c.features.dir = ml_collections.FieldReference(None, field_type=str)   # for A, B, C

@@ -234,6 +234,23 @@ def _check_dropout(probability):
         raise ConfigError(f"sequence_dropout must be in [0, 1), got {probability}")
 
 
+def augment(key, x, y, flip_axis, intensity_scale, num_images):
+    """Per example of the batch: x and y mirrored along `flip_axis` with probability 1/2
+    (None: never), and each of the first `num_images` channels of x multiplied by a factor
+    uniform in [1 - intensity_scale, 1 + intensity_scale] (the channels after them, 2D
+    features, unchanged). Stateless: the same key gives the same batch."""
+    batch, channels = x.shape[0], x.shape[-1]
+    if flip_axis is not None:
+        flip = tf.random.stateless_uniform([batch], _fold(key, 1)) < 0.5
+        where = lambda t: tf.where(tf.reshape(flip, [batch] + [1] * (len(t.shape) - 1)), tf.reverse(t, [flip_axis]), t)
+        x, y = where(x), where(y)
+    if intensity_scale:
+        factors = 1.0 + intensity_scale * tf.random.stateless_uniform([batch, num_images], _fold(key, 2), -1.0, 1.0)
+        factors = tf.concat([factors, tf.ones([batch, channels - num_images])], 1)
+        x = x * tf.reshape(factors, [batch] + [1] * (len(x.shape) - 2) + [channels])
+    return x, y
+
+
 def permute(key, tensors):
     """The same random permutation of the leading axis of each tensor."""
     order = tf.argsort(tf.random.stateless_uniform([tensors[0].shape[0]], key))
@@ -245,7 +262,10 @@ class _Stream:
 
     fields = ()
 
-    def __init__(self, source, batch_size, seed=0, window_cases=8, batches_per_window=16):
+    flip_axis = None   # the batch axis of x and y that is array axis 0 (left-right), if any
+
+    def __init__(self, source, batch_size, seed=0, window_cases=8, batches_per_window=16, flip_lr=None,
+                 intensity_scale=None):
         if window_cases < 1 or batches_per_window < 1:
             raise ConfigError(f"window_cases ({window_cases}) and batches_per_window ({batches_per_window}) "
                               f"must be >= 1")
@@ -253,6 +273,7 @@ class _Stream:
         self.window_size = min(int(window_cases), len(source.case_ids))
         self.batches_per_window = int(batches_per_window)
         self.num_channels = source.num_channels
+        self.flip_lr, self.intensity_scale = bool(flip_lr), float(intensity_scale or 0.0)
         if self.window_size < min(len(source.guaranteed_classes()), len(source.case_ids)):
             raise ConfigError(f"window_cases {window_cases} cannot hold a case of each of "
                               f"{len(source.guaranteed_classes())} classes")
@@ -287,12 +308,21 @@ class _Stream:
 
     def _cut(self, win, batch_number):
         x, y = self.cut(win, batch_number)
+        if self.flip_lr or self.intensity_scale:
+            x, y = self._augmented(x, y, batch_number)
         if isinstance(x, dict):   # {"image" or "patch", "present"}
             x = {k: tf.ensure_shape(v, self.x_shape if k != "present" else (self.batch_size, len(self.source.channels)))
                  for k, v in x.items()}
         else:
             x = tf.ensure_shape(x, self.x_shape)
         return x, tf.ensure_shape(y, self.y_shape)
+
+    def _augmented(self, x, y, b):
+        name = next((k for k in ("image", "patch") if isinstance(x, dict) and k in x), None)
+        flip_axis = self.flip_axis if self.flip_lr else None
+        image, y = augment(_key(self.seed, b, -3), x[name] if name else x, y, flip_axis, self.intensity_scale,
+                           len(self.source.channels))
+        return (dict(x, **{name: image}) if name else image), y
 
     def source_present(self, win, cases, b):
         """(B, K) float32: the sequences each example keeps after sequence dropout (issue 15),
@@ -321,6 +351,7 @@ class SliceStream(_Stream):
         _check_dropout(sequence_dropout)
         super().__init__(source, batch_size, seed, **window)
         self.orientation, self.axis = orientation, SLICE_AXIS[orientation]
+        self.flip_axis = 1 if self.axis != 0 else None   # sagittal slices (axis 0) have no left-right axis
         self.tumor_fraction = float(tumor_fraction)
         self.slice_shape = tuple(int(n) for n in slice_shape)
         self.fields = (f"slice_classes_{orientation}",)
@@ -413,6 +444,7 @@ class PatchStream(_Stream):
         self.y_shape = (self.batch_size,) + (self.label_size,) * 3
 
     position_spec = tf.TensorSpec([3], tf.int32)   # a center voxel
+    flip_axis = 1
 
     def cut(self, win, b):
         def other_slot(slot):
@@ -526,8 +558,9 @@ class VolumeStream(_Stream):
 
 
 def window_options(data_config):
-    """The stream's window keywords from a trainer's `data` config."""
-    return {"window_cases": data_config.window_cases, "batches_per_window": data_config.batches_per_window}
+    """The stream's window (and augmentation) keywords from a trainer's `data` config."""
+    return {"window_cases": data_config.window_cases, "batches_per_window": data_config.batches_per_window,
+            "flip_lr": data_config.get("flip_lr"), "intensity_scale": data_config.get("intensity_scale")}
 
 
 def slice_shape(source, orientation, multiple=1):
