@@ -277,6 +277,7 @@ def test_cross_validation_on_a_resampled_copy_scores_every_case_on_its_own_grid(
     config.cv_folds, config.spacing_mm, config.num_cases = 2, 6.0, 6
     report = open(experiments.run("demo", _args(tmp_path, config=config))).read()
     assert "2-fold cross-validation" in report and "## Each left-out case" in report
+    assert "resampled to 6 mm; label maps scored on the original grid" in report
     phantoms = discover_cases(str(tmp_path / "data" / "phantoms"))
     ids = [c.case_id for c in phantoms]
     tests = [json.loads((tmp_path / f"fold{k}" / "split.json").read_text())["test"] for k in (1, 2)]

@@ -620,7 +620,9 @@ class Run:
             f"- scale `{s.scale}` (config presets `{s.twod.preset}`), seed {self.args.seed}, work dir `{self.work}`",
             f"- data `{data.data_dir}` ({len(data.manifest['cases'])} cases, modalities "
             f"{', '.join(data.manifest['modalities'])}, {data.manifest['normalization']} normalization); "
-            f"test cases from `{data.test_dir}`",
+            f"test cases from `{data.test_dir}`" + (
+                f", resampled to {s.spacing_mm:g} mm; label maps scored on the original grid of "
+                f"`{data.original_test_dir}`" if data.original_test_dir else ""),
             f"- split: {len(data.split['train'])} train / {len(data.split['val'])} validation / "
             f"{len(data.split['test'])} test (`split.json`)",
             f"- iterations: 2D {s.twod.train.iterations}, 3D {s.threed.train.iterations} (standard 3D "
