@@ -407,13 +407,15 @@ class Run:
             return pred_dirs, data
         originals = {c.case_id: c for c in discover_cases(data.original_test_dir, data.test_layout,
                                                           data.test_layout_file)}
+        targets = {}   # each test case's own grid, read once for every row
+        for case_id in data.split["test"]:
+            original = load_header(next(iter(originals[case_id].images.values())).path)
+            targets[case_id] = Geometry(tuple(original.shape[:3]), original.affine, original.header)
         out = {}
         for row, pred_dir in pred_dirs.items():
             out[row] = os.path.join(self.out_dir, "predictions_original", os.path.basename(pred_dir))
-            for case_id in data.split["test"]:
+            for case_id, target in targets.items():
                 labels, geometry = load_label_map(_pred_file(pred_dir, case_id))
-                original = load_header(next(iter(originals[case_id].images.values())).path)
-                target = Geometry(tuple(original.shape[:3]), original.affine, original.header)
                 write_label_map(_pred_file(out[row], case_id), resample.labels_on_grid(labels, geometry, target),
                                 target, "brats2017")
         return out, dataclasses.replace(data, test_dir=data.original_test_dir)
