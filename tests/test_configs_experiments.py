@@ -34,7 +34,10 @@ def test_every_preset_says_what_its_name_says():
         assert c.twod.train.strategy == c.threed.train.strategy == "off"
     # Each model section is its train2d / train3d preset with the scale's settings, nothing else.
     assert experiments.changes(demo.twod, train2d.get_config("small")) == {
-        "deterministic": True, "optim.learning_rate": 0.1, "train.checkpoint_every": 30, "train.iterations": 90, "train.val_every": 30}
+        "deterministic": True, "optim.learning_rate": 0.05, "train.checkpoint_every": 30, "train.iterations": 90,
+        "train.val_every": 30, "train.precise_bn_batches": 40}
+    cpu = experiments.get_config("cpu")   # as its leave-one-out run was measured
+    assert cpu.twod.optim.learning_rate == 0.1 and cpu.twod.train.precise_bn_batches is None
     assert experiments.changes(demo.threed, train3d.get_config("small")) == {
         "deterministic": True, "model.input_size": 54, "optim.accumulation_steps": 1, "optim.learning_rate": 0.05,
         "train.checkpoint_every": 15, "train.iterations": 45, "train.val_every": 0}

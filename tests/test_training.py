@@ -187,10 +187,15 @@ from brats_tf.training.stage2d import Trainer2D as Trainer
 c = get_config("small")
 c.data.records_dir, c.train.strategy, c.train.iterations = sys.argv[1], "mirrored", 3
 c.data.batch_size, c.train.val_every = 2, 3
+c.train.precise_bn_batches = 2   # the recalibration under a strategy, synchronized batch norm on
 t = Trainer(c, sys.argv[2])
 r = t.run()
 assert t.strategy.num_replicas_in_sync == 2, t.strategy.num_replicas_in_sync
 assert t.sampler.batch_size == 4
+import keras, numpy as np
+from brats_tf.training.loop import batch_norm_layers
+layers = batch_norm_layers(keras.models.load_model(sys.argv[2] + "/model.keras"))
+assert layers and all(np.isfinite(np.asarray(l.moving_variance)).all() for l in layers)
 print("OK", r["iterations"])
 """
 

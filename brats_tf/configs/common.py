@@ -87,6 +87,9 @@ def training_loop(iterations, checkpoint_every, val_every):
     # replicas; True also on one device, to compute exactly what a multi-replica run does.
     train.sync_batch_norm = ml_collections.FieldReference(None, field_type=bool)
     train.jit_compile = False               # XLA: 11x slower on CPU here (KERAS3_NOTES)
+    # Precise batch norm before the export (loop.recalibrate_batch_norm): the statistics over
+    # this many further training batches instead of the moving averages; None/0: off (the paper).
+    train.precise_bn_batches = ml_collections.FieldReference(None, field_type=int)
     return train
 
 
@@ -95,7 +98,7 @@ def training_loop(iterations, checkpoint_every, val_every):
 MINIMUM = {"seed": 0, "train.iterations": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
            "train.val_every": 0, "data.batch_size": 1, "data.num_val_cases": 0, "data.window_cases": 1,
            "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1,
-           "train.micro_batches": 1, "data.intensity_scale": 0}
+           "train.micro_batches": 1, "data.intensity_scale": 0, "train.precise_bn_batches": 0}
 POSITIVE = ("optim.learning_rate",)
 
 

@@ -20,6 +20,7 @@ their 2D models by the sha256 of `model.keras`.
 """
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -127,6 +128,53 @@ def synchronize_batch_norm(model):
             layer.synchronized = True
         elif hasattr(layer, "layers"):   # a nested model
             synchronize_batch_norm(layer)
+
+
+def batch_norm_layers(model):
+    """Every BatchNormalization layer of a model, nested models included."""
+    found = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            found.append(layer)
+        elif hasattr(layer, "layers"):
+            found.extend(batch_norm_layers(layer))
+    return found
+
+
+def recalibrate_batch_norm(model, batches):
+    """Precise batch norm (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): each batch
+    norm layer's moving mean and variance become the plain mean of its batch statistics over
+    `batches` (x inputs), computed with the final weights. The moving averages (momentum 0.9:
+    about the last ten batches, each taken while the weights still moved) are what a short
+    run's inference would otherwise use; BUILD_NOTES "Why the demo's 2D models were fragile".
+    Weights are untouched. Returns the number of batches used."""
+    layers = batch_norm_layers(model)
+    if not layers:
+        return 0
+    saved = [(layer.momentum, layer.synchronized) for layer in layers]
+    sums, count = None, 0
+    try:
+        for layer in layers:   # read when traced: each call leaves its batch's statistics
+            # one call over the whole global batch: its statistics are the synchronized ones
+            layer.momentum, layer.synchronized = 0.0, False
+        forward = tf.function(functools.partial(_training_forward, model))
+        for count, x in enumerate(batches, start=1):
+            forward(x)
+            stats = [np.asarray(v, np.float64) for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+            sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
+    finally:
+        for layer, (momentum, synchronized) in zip(layers, saved):
+            layer.momentum, layer.synchronized = momentum, synchronized
+    if count:
+        variables = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+        for variable, total in zip(variables, sums):
+            variable.assign((total / count).astype(np.float32))
+    return count
+
+
+def _training_forward(model, x):
+    """A training-mode forward pass (batch statistics; the batch norm layers update theirs)."""
+    return model(x, training=True)
 
 
 def is_chief(strategy):
@@ -377,6 +425,19 @@ class Trainer:
         self._checkpoint(iteration, pending, log)
         return self._finish(iteration, log)
 
+    def _precise_batch_norm(self):
+        """train.precise_bn_batches > 0: before the export, the batch norm statistics are
+        re-estimated over that many training batches, the ones the stream would give next (the
+        same after a resume from the last checkpoint, so a resumed run exports the same model)."""
+        count = self.config.train.get("precise_bn_batches")
+        if not count:
+            return
+        first = _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))
+        batches = (x for x, _ in _batches(self.sampler.dataset(first_batch=first, num_batches=count),
+                                           self.config.data.records_dir))
+        with self.strategy.scope():
+            recalibrate_batch_norm(self.model, batches)
+
     def _checkpoint(self, iteration, pending, log):
         log.flush()
         state = {"schedule": self.schedule.get_state(), "pending_losses": pending,
@@ -413,6 +474,7 @@ class Trainer:
         return overlay_image(case.image, case.label, self._overlay_labels, axis)
 
     def _finish(self, iteration, log):
+        self._precise_batch_norm()
         final = self.validate() if self.val_cases else {}
         log.final(iteration, final, self.overlay() if final else None)
         log.close()
