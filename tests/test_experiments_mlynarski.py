@@ -89,7 +89,7 @@ def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
     two, three, sub = _model_configs(_args(tmp_path, scale="demo", seed=3))
     assert (two.model.kind, two.data.orientation, two.seed, two.data.records_dir) == ("model2", "coronal", 3, "R")
     assert (two.data.train_cases, two.data.val_cases, two.train.iterations) == (["c1", "c2", "c3"], ["c4"], 90)
-    assert two.optim.learning_rate == 0.1 and three.model.input_size == 54 and three.train.iterations == 45
+    assert (two.optim.learning_rate, two.train.precise_bn_batches) == (0.05, 40) and three.model.input_size == 54 and three.train.iterations == 45
     assert (three.model.kind, three.features.dir, three.features.kind) == ("B", "F", "model1")
     assert three.features.models == "m/axial,m/coronal,m/sagittal"
     assert (sub.train.iterations, sub.train.subnetwork, sub.model.kind) == (200, "t2", "model1")
@@ -107,7 +107,7 @@ def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
                                            config_3d=["model.input_size=70", "model.levels=(4, 6, 8)"]))
     assert (two.train.iterations, sub.train.iterations, three.model.input_size) == (30, 30, 70)
     assert three.model.levels == (4, 6, 8)
-    assert "2D settings {'deterministic': True, 'optim.learning_rate': 0.1" in M.Run(_args(tmp_path, scale="demo"), "demo", ("x",)) \
+    assert "2D settings {'deterministic': True, 'optim.learning_rate': 0.05" in M.Run(_args(tmp_path, scale="demo"), "demo", ("x",)) \
         ._settings_note(M.Data("D", "auto", None, "R", {"cases": [], "modalities": ["t1"], "normalization": "median"},
                                {"train": [], "val": [], "test": []}, "D", "auto", None))
 
