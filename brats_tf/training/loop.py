@@ -387,7 +387,9 @@ class Trainer:
         if progbar and iteration:
             progbar.update(iteration)
         previous_handler = signal.signal(signal.SIGTERM, _raise_interrupt)
-        head_sums = {}
+        # Per-head loss sums of the batches in `pending` (restored too: a run stopped mid-
+        # accumulation logs its resumed iteration's losses over all of that iteration's batches).
+        head_sums = dict(state.get("pending_head_sums", {}))
         try:
             for x, y in _batches(data, c.data.records_dir):
                 values = {k: float(v) for k, v in train_step(x, y).items()}
@@ -417,7 +419,7 @@ class Trainer:
                 if iteration >= c.train.iterations:
                     break
         except KeyboardInterrupt:
-            self._checkpoint(iteration, pending, log)
+            self._checkpoint(iteration, pending, log, head_sums)
             log.close()
             raise
         finally:
@@ -438,9 +440,9 @@ class Trainer:
         with self.strategy.scope():
             recalibrate_batch_norm(self.model, batches)
 
-    def _checkpoint(self, iteration, pending, log):
+    def _checkpoint(self, iteration, pending, log, head_sums=None):
         log.flush()
-        state = {"schedule": self.schedule.get_state(), "pending_losses": pending,
+        state = {"schedule": self.schedule.get_state(), "pending_losses": pending, "pending_head_sums": head_sums or {},
                  "batches_seen": _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))}
         self.store.save(iteration, self.model, self.optimizer, state, write=self.chief)
 
