@@ -123,11 +123,8 @@ def make_deterministic():
 def synchronize_batch_norm(model):
     """Batch statistics over the global batch (all replicas), as one device computes them:
     set before the first step is traced (Keras reads `synchronized` at call time)."""
-    for layer in model.layers:
-        if isinstance(layer, keras.layers.BatchNormalization):
-            layer.synchronized = True
-        elif hasattr(layer, "layers"):   # a nested model
-            synchronize_batch_norm(layer)
+    for layer in batch_norm_layers(model):
+        layer.synchronized = True
 
 
 def batch_norm_layers(model):
@@ -152,6 +149,7 @@ def recalibrate_batch_norm(model, batches):
     if not layers:
         return 0
     saved = [(layer.momentum, layer.synchronized) for layer in layers]
+    variables = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
     sums, count = None, 0
     try:
         for layer in layers:   # read when traced: each call leaves its batch's statistics
@@ -160,13 +158,12 @@ def recalibrate_batch_norm(model, batches):
         forward = tf.function(functools.partial(_training_forward, model))
         for count, x in enumerate(batches, start=1):
             forward(x)
-            stats = [np.asarray(v, np.float64) for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
+            stats = [np.asarray(v, np.float64) for v in variables]
             sums = stats if sums is None else [a + b for a, b in zip(sums, stats)]
     finally:
         for layer, (momentum, synchronized) in zip(layers, saved):
             layer.momentum, layer.synchronized = momentum, synchronized
     if count:
-        variables = [v for layer in layers for v in (layer.moving_mean, layer.moving_variance)]
         for variable, total in zip(variables, sums):
             variable.assign((total / count).astype(np.float32))
     return count
