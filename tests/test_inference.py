@@ -124,8 +124,38 @@ def test_layerwise_memory_estimate_bounds_the_arrays_it_keeps():
     tracemalloc.stop()
     estimate = peak_bytes(model, volume.shape, unet3d.MARGIN, block=16)
     assert measured <= estimate <= 3 * measured, (measured, estimate)
-    # bfloat16 activations take half the bytes (the padded float32 input stays float32)
-    assert peak_bytes(model, volume.shape, unet3d.MARGIN, block=16, itemsize=2) < 0.8 * estimate
+    # bfloat16 activations take half the bytes (the padded float32 input stays float32: on this
+    # small volume, at its peak, about a third of the estimate)
+    assert peak_bytes(model, volume.shape, unet3d.MARGIN, block=16, itemsize=2) < 0.85 * estimate
+
+
+def test_model_c_runs_one_stream_after_the_other_in_less_memory_with_the_same_logits():
+    """Keras orders model C's layers by depth, so its two streams advance side by side, each
+    holding its skips; the execution order chosen by the estimate finishes one branch first.
+    Measured with tracemalloc: a lower peak, and the same logits."""
+    import tracemalloc
+    from brats_tf.inference import layerwise
+    from brats_tf.models import unet3d
+    model = _small_3d("C")
+    volume = np.random.default_rng(2).normal(size=(40, 44, 36, 5)).astype(np.float32)
+    padded = np.pad(volume, [(unet3d.MARGIN, unet3d.MARGIN)] * 3 + [(0, 0)])[None]
+    keras_order, *_ = layerwise._candidate_orders(model)
+    chosen = layerwise.execution_order(model, volume.shape, unet3d.MARGIN, block=16)
+    assert chosen != keras_order and sorted(map(id, chosen)) == sorted(map(id, keras_order))
+
+    def run(order):
+        layerwise._run_layers(model, {id(model.inputs[0]): padded.copy()}, 16, None, order)   # traced first
+        tracemalloc.start()
+        logits = layerwise._run_layers(model, {id(model.inputs[0]): padded.copy()}, 16, None, order)
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        return logits, peak
+
+    (keras_logits, keras_peak), (chosen_logits, chosen_peak) = run(keras_order), run(chosen)
+    np.testing.assert_array_equal(chosen_logits, keras_logits)
+    assert chosen_peak < 0.85 * keras_peak, (chosen_peak, keras_peak)
+    estimate = layerwise.peak_bytes(model, volume.shape, unet3d.MARGIN, block=16)
+    assert chosen_peak <= estimate < layerwise._peak_bytes(model, keras_order, volume.shape, unet3d.MARGIN, 16)
 
 
 def test_bf16_precision_computes_inner_layers_in_bfloat16_with_float32_logits():
