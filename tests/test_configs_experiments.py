@@ -40,7 +40,8 @@ def test_every_preset_says_what_its_name_says():
     assert cpu.twod.optim.learning_rate == 0.1 and cpu.twod.train.precise_bn_batches is None
     assert experiments.changes(demo.threed, train3d.get_config("small")) == {
         "deterministic": True, "model.input_size": 54, "optim.accumulation_steps": 1, "optim.learning_rate": 0.05,
-        "train.checkpoint_every": 15, "train.iterations": 45, "train.val_every": 0}
+        "train.checkpoint_every": 15, "train.iterations": 45, "train.val_every": 0, "train.average_last": 15}
+    assert cpu.threed.train.average_last is None
     assert experiments.changes(paper.twod, train2d.get_config("paper")) == {}
     assert experiments.changes(paper.threed, train3d.get_config("paper")) == {}
     # [S]: BraTS 222 / Rembrandt 57 cases (44 test, 11 train) at paper scale; the demo's phantoms.

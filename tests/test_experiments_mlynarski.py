@@ -90,6 +90,7 @@ def test_scale_configs_and_overrides_reach_every_model_config(tmp_path):
     assert (two.model.kind, two.data.orientation, two.seed, two.data.records_dir) == ("model2", "coronal", 3, "R")
     assert (two.data.train_cases, two.data.val_cases, two.train.iterations) == (["c1", "c2", "c3"], ["c4"], 90)
     assert (two.optim.learning_rate, two.train.precise_bn_batches) == (0.05, 40) and three.model.input_size == 54 and three.train.iterations == 45
+    assert three.train.average_last == 15
     assert (three.model.kind, three.features.dir, three.features.kind) == ("B", "F", "model1")
     assert three.features.models == "m/axial,m/coronal,m/sagittal"
     assert (sub.train.iterations, sub.train.subnetwork, sub.model.kind) == (200, "t2", "model1")

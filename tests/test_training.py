@@ -188,6 +188,7 @@ c = get_config("small")
 c.data.records_dir, c.train.strategy, c.train.iterations = sys.argv[1], "mirrored", 3
 c.data.batch_size, c.train.val_every = 2, 3
 c.train.precise_bn_batches = 2   # the recalibration under a strategy, synchronized batch norm on
+c.train.average_last = 2         # the tail average assigned to mirrored variables, then recalibrated
 t = Trainer(c, sys.argv[2])
 r = t.run()
 assert t.strategy.num_replicas_in_sync == 2, t.strategy.num_replicas_in_sync
@@ -196,6 +197,7 @@ import keras, numpy as np
 from brats_tf.training.loop import batch_norm_layers
 layers = batch_norm_layers(keras.models.load_model(sys.argv[2] + "/model.keras"))
 assert layers and all(np.isfinite(np.asarray(l.moving_variance)).all() for l in layers)
+assert '"weights_averaged_over_iterations": 2' in open(sys.argv[2] + "/model_info.json").read()
 print("OK", r["iterations"])
 """
 

@@ -90,6 +90,9 @@ def training_loop(iterations, checkpoint_every, val_every):
     # Precise batch norm before the export (loop.recalibrate_batch_norm): the statistics over
     # this many further training batches instead of the moving averages; None/0: off (the paper).
     train.precise_bn_batches = ml_collections.FieldReference(None, field_type=int)
+    # Tail averaging (training/averaging.py): the exported weights are the mean of the weights
+    # after each of the last this-many iterations (all, in a shorter run); None/0: the last weights.
+    train.average_last = ml_collections.FieldReference(None, field_type=int)
     return train
 
 
@@ -98,7 +101,8 @@ def training_loop(iterations, checkpoint_every, val_every):
 MINIMUM = {"seed": 0, "train.iterations": 0, "train.checkpoint_every": 1, "train.keep_checkpoints": 1,
            "train.val_every": 0, "data.batch_size": 1, "data.num_val_cases": 0, "data.window_cases": 1,
            "data.batches_per_window": 1, "optim.accumulation_steps": 1, "optim.period": 1,
-           "train.micro_batches": 1, "data.intensity_scale": 0, "train.precise_bn_batches": 0}
+           "train.micro_batches": 1, "data.intensity_scale": 0, "train.precise_bn_batches": 0,
+           "train.average_last": 0}
 POSITIVE = ("optim.learning_rate",)
 
 

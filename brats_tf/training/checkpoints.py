@@ -3,7 +3,8 @@
 A checkpoint is a folder `ckpt-<iteration>` holding `model_weights.npz` (every variable of
 `model.weights`, in order), `rng.npz` (the
 random-generator states of dropout layers), `optimizer.npz` (every optimizer variable:
-iteration counter, momentum, accumulators) and `state.json`
+iteration counter, momentum, accumulators), any named arrays the trainer keeps besides
+(`<name>.npz`: the tail average's sums, training/averaging.py) and `state.json`
 (the LR schedule's state and anything else the trainer needs). It is written under a
 temporary name and renamed, so a run killed at any moment leaves only complete
 checkpoints; the newest one is what a re-run resumes from.
@@ -51,8 +52,10 @@ class CheckpointStore:
         done = self.complete()
         return done[-1] if done else None
 
-    def save(self, iteration, model, optimizer, state, write=True):
-        """Saves a checkpoint; with write=False (non-chief workers) only syncs nothing to disk."""
+    def save(self, iteration, model, optimizer, state, write=True, arrays=None):
+        """Saves a checkpoint; with write=False (non-chief workers) only syncs nothing to disk.
+        `arrays`: {name: {key: array}} the trainer keeps besides the variables, each as
+        `<name>.npz` (read back with `read_arrays`)."""
         if not write:
             return None
         final = fs.join(self.directory, f"ckpt-{iteration:08d}")
@@ -60,6 +63,7 @@ class CheckpointStore:
         files = {"model_weights.npz": _npz_bytes(model.weights),
                  "rng.npz": _npz_bytes(_rng_states(model)),
                  "optimizer.npz": _npz_bytes(optimizer.variables)}
+        files.update({f"{name}.npz": _arrays_bytes(values) for name, values in (arrays or {}).items()})
         state = dict(state, iteration=iteration, files={n: hashlib.sha256(b).hexdigest() for n, b in files.items()})
         files["state.json"] = json.dumps(state, indent=1).encode()   # last: it marks the checkpoint complete
         try:
@@ -91,6 +95,24 @@ class CheckpointStore:
             raise
         except Exception as err:   # h5py, zipfile and numpy raise many kinds for a damaged file
             raise DataError(folder, f"cannot read the checkpoint ({short_error(err)}); {_RESUME_HINT}") from None
+
+    def read_arrays(self, name, iteration=None):
+        """The `arrays[name]` checkpoint `iteration` (default: newest) was saved with, as a dict;
+        None when it has none (saved without them, or no checkpoint)."""
+        iteration = self.latest() if iteration is None else iteration
+        if iteration is None:
+            return None
+        folder = fs.join(self.directory, f"ckpt-{iteration:08d}")
+        path = fs.join(folder, f"{name}.npz")
+        if not fs.exists(path):
+            return None
+        _read_state(folder)   # its sha256 checked against state.json
+        try:
+            with fs.open_file(path, "rb") as f:
+                with np.load(io.BytesIO(f.read()), allow_pickle=False) as saved:
+                    return {key: saved[key] for key in saved.files}
+        except Exception as err:   # zipfile and numpy raise many kinds for a damaged file
+            raise DataError(path, f"cannot read the checkpoint ({short_error(err)}); {_RESUME_HINT}") from None
 
     def _load(self, folder, state, model, optimizer):
         if fs.exists(fs.join(folder, "model.weights.h5")):   # checkpoints written before model_weights.npz
@@ -149,8 +171,12 @@ def _assign_saved(folder, name, variables, what):
 
 
 def _npz_bytes(variables):
+    return _arrays_bytes({f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(variables)})
+
+
+def _arrays_bytes(arrays):
     buffer = io.BytesIO()
-    np.savez(buffer, **{f"v{i:04d}": np.asarray(v.numpy()) for i, v in enumerate(variables)})
+    np.savez(buffer, **arrays)
     return buffer.getvalue()
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import tensorflow as tf
 
 from brats_tf.training import losses
+from brats_tf.training.averaging import CHECKPOINT_NAME as AVERAGE_NAME, TailAverage
 from brats_tf.evaluation import metrics
 from brats_tf.training.checkpoints import CheckpointStore
 from brats_tf.configs.common import check_ranges
@@ -368,6 +369,7 @@ class Trainer:
         state = self.store.restore(self.model, self.optimizer) or {}
         if state:
             self.schedule.set_state(state["schedule"])
+        self.average = self._tail_average()
         pending = list(state.get("pending_losses", []))
         self.optimizer.learning_rate = self.schedule.learning_rate
         iteration = _to_int(self.optimizer.iterations)
@@ -400,6 +402,8 @@ class Trainer:
                 if batch % steps:
                     continue
                 iteration += 1
+                if self.average is not None:
+                    self.average.add(iteration)
                 iteration_loss = float(np.mean(pending))
                 row = {"iteration": iteration, "learning_rate": self.schedule.learning_rate,
                        **{k: v / len(pending) for k, v in head_sums.items()}}
@@ -424,6 +428,26 @@ class Trainer:
         self._checkpoint(iteration, pending, log)
         return self._finish(iteration, log)
 
+    def _tail_average(self):
+        """train.average_last > 0: a TailAverage of the last that many iterations, its sums
+        restored from the newest checkpoint; None when off."""
+        window = self.config.train.get("average_last")
+        if not window:
+            return None
+        average = TailAverage(self.model, self.config.train.iterations, window)
+        saved = self.store.read_arrays(AVERAGE_NAME)
+        if saved is not None:
+            average.restore(saved)
+        return average
+
+    def _average_weights(self):
+        """The exported weights are the tail average (when on); returns how many iterations it
+        averaged (recorded in model_info.json), None when off."""
+        if self.average is None:
+            return None
+        with self.strategy.scope():
+            return self.average.assign()
+
     def _precise_batch_norm(self):
         """train.precise_bn_batches > 0: before the export, the batch norm statistics are
         re-estimated over that many training batches, the ones the stream would give next (the
@@ -441,7 +465,8 @@ class Trainer:
         log.flush()
         state = {"schedule": self.schedule.get_state(), "pending_losses": pending, "pending_head_sums": head_sums or {},
                  "batches_seen": _to_int(getattr(self.optimizer, "batches_seen", self.optimizer.iterations))}
-        self.store.save(iteration, self.model, self.optimizer, state, write=self.chief)
+        arrays = None if self.average is None else {AVERAGE_NAME: self.average.arrays()}
+        self.store.save(iteration, self.model, self.optimizer, state, write=self.chief, arrays=arrays)
 
     def validate(self):
         """Mean per-class Dice (classes 1..C-1) over the validation cases."""
@@ -473,13 +498,15 @@ class Trainer:
         return overlay_image(case.image, case.label, self._overlay_labels, axis)
 
     def _finish(self, iteration, log):
+        averaged = self._average_weights()   # first: precise batch norm follows the final weights
         self._precise_batch_norm()
         final = self.validate() if self.val_cases else {}
         log.final(iteration, final, self.overlay() if final else None)
         log.close()
         if self.chief:
+            extra = {} if averaged is None else {"weights_averaged_over_iterations": averaged}
             export_model(self.model, self.workdir, dict(self.model_spec, iterations=iteration,
-                                                        final_validation=final))
+                                                        final_validation=final, **extra))
         return {"iterations": iteration, "workdir": self.workdir, "validation": final}
 
 
