@@ -155,6 +155,7 @@ def test_demo_end_to_end_then_a_rerun_skips_and_a_lost_export_resumes(tmp_path, 
     again = open(experiments.run("demo", _args(tmp_path))).read()
     out = capsys.readouterr().out
     assert out.count(": complete (") == 6 + 7 + 2 and "training" not in out and "label maps" not in out
+    assert [line.split("]")[0] for line in out.splitlines() if line.startswith("[")] == [f"[{i}/7" for i in range(1, 8)]
     assert again.split("## Figures")[0] == text.split("## Figures")[0]
 
     # An export lost after the last checkpoint: the model resumes (no new iterations),
@@ -256,6 +257,7 @@ def test_the_demo_with_cross_fold_features_adds_their_a_row_and_resumes(tmp_path
     experiments.run("demo", _args(tmp_path, config=config))
     out = capsys.readouterr().out
     assert "training" not in out and out.count(": complete (") == 6 + 6 + 8 + 3
+    assert [line.split("]")[0] for line in out.splitlines() if line.startswith("[")] == [f"[{i}/8" for i in range(1, 9)]
 
 
 def test_folds_partition_the_cases_and_each_fold_tests_on_its_own():

@@ -149,18 +149,18 @@ class SplitResult:
 
 def _one_split(args, experiment, with_unet, title):
     run = Run(args, experiment, STAGES)
+    folds = run.scale.features.folds
+    if not folds:   # before the first stage prints its "[i/n]"
+        run.stages.titles.remove("cross-fold 2D models")
     with run.stage("data and records"):
         data = run.prepare_data()
     models_2d = [twod(k, o) for k in KINDS_2D for o in ORIENTATIONS] + ([twod("unet_axial")] if with_unet else [])
     with run.stage("2D models"):
         dirs = {m.slug: run.train(m, run.config_2d(m, data)) for m in models_2d}
-    folds = run.scale.features.folds
     cross_fold = [CROSS_FOLD_A] if folds else []
     if folds:
         with run.stage("cross-fold 2D models"):
             fold_dirs = run.train_fold_models(CROSS_FOLD_A.features, dirs, data, folds)
-    else:
-        run.stages.titles.remove("cross-fold 2D models")
     with run.stage("2D features"):
         feature_dirs = {k: run.extract_features(k, dirs, data) for k in KINDS_2D}
         if folds:
