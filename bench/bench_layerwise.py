@@ -3,7 +3,7 @@ line: FLOPs (counted per tile / per block with bench/flops.py), first and warm s
 and the largest logit difference between the two methods. Random weights (speed only); the
 real BraTS 2023 case when ../shared is there, else a 240x240x155 phantom.
 
-    python -m bench.bench_layerwise [--preset small|paper] [--method both|tiled|layerwise] [--block 64] \
+    python -m bench.bench_layerwise [--preset small|paper] [--method both|tiled|layerwise] [--block 96] \
         [--precision fp32|bf16]
 
 Also the FLOPs of one pass of the network over the whole padded volume (counted from its
@@ -29,7 +29,7 @@ from brats_tf import preprocess
 from brats_tf.constants import TILE_SIZE_3D
 from brats_tf.inference import predict
 from brats_tf.constants import PRECISIONS
-from brats_tf.inference.layerwise import peak_bytes, predict_layerwise_3d
+from brats_tf.inference.layerwise import DEFAULT_BLOCK, peak_bytes, predict_layerwise_3d
 from brats_tf.io.cases import discover_cases, load_case
 from brats_tf.models import unet3d
 from brats_tf.models.precision import with_precision
@@ -94,7 +94,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=("small", "paper"))
     parser.add_argument("--method", default="both", choices=("both", "tiled", "layerwise"))
-    parser.add_argument("--block", type=int, default=64)
+    parser.add_argument("--block", type=int, default=DEFAULT_BLOCK)
     parser.add_argument("--precision", default="fp32", choices=PRECISIONS)
     args = parser.parse_args()
     volume, source = the_volume()

@@ -3,6 +3,7 @@
 import keras
 import numpy as np
 import pytest
+import tensorflow as tf
 
 from brats_tf.inference import predict
 
@@ -248,3 +249,50 @@ def test_layerwise_refuses_a_pooled_model():
     assert exported.network_input_shape(dict(info, modalities=["t1", "t2"]), shapes) == (1, 88, 88, 88, 2)
     old = {"stage": "3d", "receptive_field": 45}   # model_info from before the design was recorded
     assert (exported.margin_3d(old), exported.period_3d(old), exported.design_3d(old)) == (22, 1, "atrous")
+
+
+@pytest.mark.parametrize("rate", [1, 2, 3])
+def test_layerwise_max_pool_equals_the_pool_layer(rate):
+    """The pooling kernels layer-wise inference runs a pool's slabs with give the layer's own
+    output exactly, on sides that are not multiples of the rate (padded, then cut)."""
+    from brats_tf.inference.layerwise import max_pool
+    from brats_tf.models.unet3d import DilatedMaxPool3D
+    x = np.random.default_rng(rate).normal(size=(1, 13, 17, 14, 3)).astype(np.float32)
+    expected = np.asarray(DilatedMaxPool3D(rate)(x))
+    pooled = np.asarray(tf.function(lambda v: max_pool(v, rate))(x))
+    assert pooled.shape == expected.shape == (1, 13 - 2 * rate, 17 - 2 * rate, 14 - 2 * rate, 3)
+    np.testing.assert_array_equal(pooled, expected)
+
+
+def test_layerwise_concatenations_are_never_made_whole():
+    """A concatenation's output stays its parts (no whole-volume array is written); the next
+    layer's blocks cut from the parts equal blocks cut from the concatenated array, on a
+    phase lattice and past the end (zero-padded); other consumers get the array."""
+    import ml_dtypes
+    from brats_tf.inference import layerwise
+    model = _small_3d()
+    seen = {}
+    apply = layerwise._apply
+
+    def recording(layer, arrays, block, on_block):
+        seen[layer.name] = out = apply(layer, arrays, block, on_block)
+        return out
+    volume = np.random.default_rng(0).normal(size=(14, 15, 13, 5)).astype(np.float32)
+    try:
+        layerwise._apply = recording
+        layerwise.predict_layerwise_3d(model, volume, 22, block=8)
+    finally:
+        layerwise._apply = apply
+    concats = [layer.name for layer in model.layers if isinstance(layer, keras.layers.Concatenate)]
+    assert concats and all(isinstance(seen[name], layerwise.ChannelParts) for name in concats)
+    for dtype in (np.float32, ml_dtypes.bfloat16):
+        rng = np.random.default_rng(1)
+        parts = [rng.normal(size=(1, 11, 9, 10, c)).astype(dtype) for c in (2, 3)]
+        whole = np.concatenate(parts, -1)
+        lattice = (slice(None), slice(1, None, 2), slice(0, None, 2), slice(1, None, 2))
+        for start in [(0, 0, 0), (2, 2, 2)]:   # the second runs past the end of every axis
+            cut = layerwise._input_block(layerwise.ChannelParts(parts), lattice, start, (3, 3, 3), (2, 2, 2),
+                                         np.full((1, 5, 5, 5, 5), 7, dtype))
+            expected = layerwise._input_block(whole, lattice, start, (3, 3, 3), (2, 2, 2), np.full((1, 5, 5, 5, 5), 7, dtype))
+            np.testing.assert_array_equal(cut, expected)
+        assert np.array_equal(layerwise._materialized(layerwise.ChannelParts(parts)), whole)

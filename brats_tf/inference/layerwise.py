@@ -7,10 +7,12 @@ small and paper models spend ~2.3× the FLOPs per output voxel of one pass over 
 volume, and a tile big enough to make the margin small does not fit in memory (the
 convolutions' workspace grows with the tile). Here the network is evaluated one layer at a
 time over the whole (padded) volume, each layer's output kept as a NumPy array; a layer with
-a spatial window (a valid convolution, the dilated max-pool) is computed in blocks that
-read their input with that layer's own halo, (k - 1) × dilation voxels, and write disjoint
-output blocks. So no output is computed twice, and memory holds the live activations of the
-whole volume (the skips of the U-Net) plus one block's workspace.
+a spatial window (a valid convolution, the dilated max-pool) is computed in blocks (a pool:
+in slabs) that read their input with that layer's own halo, (k - 1) × dilation voxels, and
+write disjoint output blocks. So no output is computed twice, and memory holds the live
+activations of the whole volume (the skips of the U-Net) plus one block's workspace. A
+concatenation is never made whole (`ChannelParts`): the next layer's blocks are cut from
+its parts.
 
 Works for the à trous models of `models/unet3d.py` (Conv3D, DilatedMaxPool3D, Cropping3D,
 Concatenate, and the per-voxel layers of models/blocks.py); the result equals tiled
@@ -36,9 +38,11 @@ from brats_tf.models.unet3d import DilatedMaxPool3D
 # Layers computed on whole arrays, each output voxel from the same voxel of its inputs.
 PER_VOXEL = (SelectChannels, SequenceGate, PresenceChannels)
 
-# Output block side of a windowed layer, by default. Measured on the paper widths: a 64³ block
-# of the widest layer needs < 2 GB of convolution workspace (BUILD_NOTES, issue 14).
-DEFAULT_BLOCK = 64
+# Output block side of a windowed layer, by default. Measured on the paper widths, model A, the
+# real case, bf16 (BUILD_NOTES, issue 14, 10th session): 96 ran 3-8 % faster than 64 (80 and 128
+# in between) once the copies were off the kernels' way, with the same estimated peak (the
+# widest layers' blocks are not where the peak is) and the same measured resident memory.
+DEFAULT_BLOCK = 96
 # A windowed layer's block costs about this many times its input and output blocks while it
 # runs (oneDNN's reordered copies of both, the two input buffers filled in turn, the result
 # array and the one still being written).
@@ -82,8 +86,8 @@ def _run_layers(model, values, block, on_block, order):
         for t in inputs:   # free an activation after its last consumer (the skips live longest)
             uses[id(t)] -= 1
             if uses[id(t)] == 0 and not any(t is o for o in model.outputs):
-                del values[id(t)]
-    return values[id(model.outputs[0])][0]
+                del values[id(t)]   # a ChannelParts still holding it keeps it until its own end
+    return _materialized(values[id(model.outputs[0])])[0]
 
 
 def peak_bytes(model, shape, margin, block=DEFAULT_BLOCK, itemsize=None):
@@ -141,18 +145,20 @@ def _peak_bytes(model, order, shape, margin, block=DEFAULT_BLOCK, itemsize=None)
              for t in model.inputs}   # float32 inputs
     uses = _consumers(model)
     live = peak = sum(sizes.values())
-    for layer, inputs, _, out_sides in _walk(model, shape, margin, order):
+    for layer, inputs, in_sides, out_sides in _walk(model, shape, margin, order):
         value_bytes = itemsize or np.dtype(keras.backend.standardize_dtype(layer.compute_dtype)).itemsize
         sizes[id(layer.output)] = math.prod(out_sides or ()) * _channels(layer.output) * value_bytes
+        if _left_unmade(layer):   # ChannelParts: its parts, alive until the concatenation's end
+            sizes[id(layer.output)] = sum(sizes[id(t)] for t in inputs)
         workspace = 0
-        halo = _halo(layer)
-        if halo is not None:
-            rates, sides, _ = _plan(layer, out_sides, block)
+        call = _call_shape(layer, inputs, in_sides, out_sides, block, value_bytes)
+        if call is not None:   # the input block (a pool's: a view, but TensorFlow's slices copy it)
+            in_block, out_voxels, _ = call
             workspace = BLOCK_WORKSPACE_FACTOR * value_bytes * (
-                math.prod(s + h // r for s, h, r in zip(sides, halo, rates)) * _channels(inputs[0])
-                + math.prod(sides) * _channels(layer.output))
+                math.prod(in_block[1:4]) * in_block[4] + out_voxels * _channels(layer.output))
         live += sizes[id(layer.output)]
-        peak = max(peak, live + workspace)
+        if not _left_unmade(layer):   # an unmade concatenation is its parts: counted once, below
+            peak = max(peak, live + workspace)
         for t in inputs:
             uses[id(t)] -= 1
             if uses[id(t)] == 0 and not any(t is o for o in model.outputs):
@@ -166,13 +172,29 @@ def block_calls(model, shape, margin, block=DEFAULT_BLOCK):
     bench/bench_inference.py counts the FLOPs of a run from these). A dilated layer is run
     as its undilated twin on its phase lattices (`_blockwise`)."""
     calls = []
-    for layer, inputs, _, out_sides in _walk(model, shape, margin):
-        halo = _halo(layer)
-        if halo is not None:
-            rates, sides, lattices = _plan(layer, out_sides, block)
-            in_block = (1, *(s + h // r for s, h, r in zip(sides, halo, rates)), _channels(inputs[0]))
-            calls.append((_runs_as(layer), in_block, sum(math.prod(counts) for _, counts in lattices)))
+    for layer, inputs, in_sides, out_sides in _walk(model, shape, margin):
+        itemsize = np.dtype(keras.backend.standardize_dtype(inputs[0].dtype)).itemsize
+        call = _call_shape(layer, inputs, in_sides, out_sides, block, itemsize)
+        if call is not None:
+            in_block, _, count = call
+            calls.append((layer if isinstance(layer, DilatedMaxPool3D) else _runs_as(layer), in_block, count))
     return calls
+
+
+def _call_shape(layer, inputs, in_sides, out_sides, block, itemsize):
+    """(input block shape, output voxels per block, number of blocks) of a windowed layer as
+    `_apply` runs it (a pool on slabs, any other on blocks of its phase lattices); None for
+    a layer run on whole arrays."""
+    halo = _halo(layer)
+    if halo is None:
+        return None
+    if isinstance(layer, DilatedMaxPool3D):
+        in_shape = (1, *in_sides[0], _channels(inputs[0]))
+        thickness, starts = _slab_plan(in_shape, itemsize, halo, block)
+        return (1, thickness + halo[0], *in_shape[2:]), thickness * out_sides[1] * out_sides[2], len(starts)
+    rates, sides, lattices = _plan(layer, out_sides, block)
+    in_block = (1, *(s + h // r for s, h, r in zip(sides, halo, rates)), _channels(inputs[0]))
+    return in_block, math.prod(sides), sum(math.prod(counts) for _, counts in lattices)
 
 
 def _walk(model, shape, margin, order=None):
@@ -230,18 +252,49 @@ def _consumers(model):
     return uses
 
 
+class ChannelParts:
+    """A concatenation along the channels left unmade: its parts, each (1, X, Y, Z, C_i).
+    A windowed layer cuts its input blocks from the parts directly (`_input_block`), so the
+    whole-volume concatenated array, the size of both parts together, is never written: the
+    decoder's concatenations were 3.0 of model A's 16.9 s (bf16, paper widths, real case), a
+    single-threaded NumPy copy. Any other consumer gets the concatenated array."""
+
+    def __init__(self, parts):
+        self.parts = parts
+        self.shape = (*parts[0].shape[:-1], sum(p.shape[-1] for p in parts))
+        self.dtype = parts[0].dtype
+
+
+def _left_unmade(layer):
+    """Whether `_apply` leaves this layer's output unmade (ChannelParts): a concatenation along
+    the channels of inputs of one dtype."""
+    return (isinstance(layer, keras.layers.Concatenate) and layer.axis in (-1, 4)
+            and len({keras.backend.standardize_dtype(t.dtype) for t in _as_list(layer.input)}) == 1)
+
+
+def _materialized(value):
+    return np.concatenate(value.parts, axis=-1) if isinstance(value, ChannelParts) else value
+
+
 def _apply(layer, arrays, block, on_block):
+    if isinstance(layer, keras.layers.Concatenate):
+        parts = [part for value in arrays for part in (value.parts if isinstance(value, ChannelParts) else [value])]
+        if _left_unmade(layer) and len({p.dtype for p in parts}) == 1:
+            return ChannelParts(parts)
+        return np.concatenate([_materialized(p) for p in parts], axis=layer.axis)
+    if _halo(layer) is None or isinstance(layer, keras.layers.Cropping3D):
+        arrays = [_materialized(x) for x in arrays]
     if isinstance(layer, keras.layers.Cropping3D):
         (x,) = arrays
         (a0, b0), (a1, b1), (a2, b2) = layer.cropping
         # a copy, not a view: a view would keep the whole uncropped skip alive until its concat
         return np.ascontiguousarray(x[:, a0:x.shape[1] - b0, a1:x.shape[2] - b1, a2:x.shape[3] - b2])
-    if isinstance(layer, keras.layers.Concatenate):
-        return np.concatenate(arrays, axis=-1)
     halo = _halo(layer)
     if halo is None:   # per-voxel layers (channel selection, presence): the whole array at once
         return np.asarray(layer(arrays if len(arrays) > 1 else arrays[0]))
     (x,) = arrays
+    if isinstance(layer, DilatedMaxPool3D):
+        return _slabwise(layer, _materialized(x), halo, block, on_block)
     return _blockwise(layer, x, halo, block, on_block)
 
 
@@ -285,8 +338,11 @@ def _blockwise(layer, x, halo, block, on_block=None):
     and on 64³ blocks that ran at 113-148 GFLOP/s against 190-207 undilated (issue 14).
 
     The copies around the blocks (cutting the next input block, writing the last output block)
-    run on a second thread while TensorFlow computes the current block: they are single-threaded
-    NumPy copies that otherwise leave a core idle (a third of model A's time, BUILD_NOTES)."""
+    run on other threads while TensorFlow computes the current block: they are single-threaded
+    NumPy copies that otherwise leave a core idle (a third of model A's time, BUILD_NOTES).
+    Cuts and writes have a thread each: behind one queue, a write into fresh pages of the
+    output held up the next block's cut (model A's bottom_a waited 1.7 s so, every 16th
+    block ~450 ms)."""
     out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
     rates, sides, lattices = _plan(layer, out_shape, block)
     halo = [h // r for h, r in zip(halo, rates)]
@@ -299,31 +355,121 @@ def _blockwise(layer, x, halo, block, on_block=None):
     buffers = [_aligned_empty(shape, x.dtype) for _ in range(2)]
     out = None
     pending = []
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-copies") as copier:
-        ahead = copier.submit(_input_block, x, *blocks[0], sides, halo, buffers[0])
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-cuts") as cutter, \
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-writes") as writer:
+        ahead = cutter.submit(_input_block, x, *blocks[0], sides, halo, buffers[0])
         for index, (lattice, start) in enumerate(blocks):
             piece = ahead.result()
             if index + 1 < len(blocks):
-                ahead = copier.submit(_input_block, x, *blocks[index + 1], sides, halo, buffers[(index + 1) % 2])
+                ahead = cutter.submit(_input_block, x, *blocks[index + 1], sides, halo, buffers[(index + 1) % 2])
             if on_block is not None:
                 on_block(run, piece.shape)
             result = np.asarray(function(_as_tensor(piece)))   # TensorFlow releases the GIL while it runs
             if out is None:   # exactly the output's size (a view of a larger one would keep it all)
-                # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations
-                out = np.empty((1, *out_shape, result.shape[-1]), result.dtype)
-            pending.append(copier.submit(_write_block, out, lattice, start, sides, result))
+                # the layer's compute dtype: mixed bfloat16 layers keep bfloat16 activations;
+                # aligned, so that a pool's slabs of it reach TensorFlow without a copy
+                out = _aligned_empty((1, *out_shape, result.shape[-1]), result.dtype)
+            pending.append(writer.submit(_write_block, out, lattice, start, sides, result))
         for write in pending:
             write.result()   # re-raises a failed copy
     return out
 
 
+def _slabwise(layer, x, halo, block, on_block=None):
+    """A max-pool's output over the whole of `x` (1, X, Y, Z, C), on slabs along X that span
+    Y and Z: each input slab is a contiguous view of `x` handed to TensorFlow without a copy
+    (`_as_tensor`), and the pool runs dilated on it (`max_pool`: no phase lattices). A pool
+    does a few FLOPs per byte, so the block copies were most of its cost: model A's two
+    pools took 3.0 of its 15.1 s in blocks (bf16, paper widths, the real case), 0.7-0.9 s
+    so. The output slabs are written on a second thread while TensorFlow computes the next
+    one; all slabs have one shape (the last one starts early, overlapping its neighbour)."""
+    out_shape = [n - h for n, h in zip(x.shape[1:4], halo)]
+    thickness, starts = _slab_plan(x.shape, x.dtype.itemsize, halo, block)
+    function = _traced_pool(layer)
+    out = None
+    pending = []
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="layerwise-copies") as copier:
+        for start in starts:
+            piece = x[:, start:start + thickness + halo[0]]
+            if on_block is not None:
+                on_block(layer, piece.shape)
+            result = np.asarray(function(_as_tensor(piece)))
+            if out is None:
+                out = _aligned_empty((1, *out_shape, result.shape[-1]), result.dtype)
+            pending.append(copier.submit(_write_slab, out, start, result))
+        for write in pending:
+            write.result()   # re-raises a failed copy
+    return out
+
+
+def _traced_pool(layer):
+    """The pool's traced function for slabs (`max_pool`, the layer's own call in fewer
+    passes), one per layer like `_traced`."""
+    if layer not in _TRACED:
+        _TRACED[layer] = tf.function(functools.partial(_pool_call, layer), reduce_retracing=True)
+    return _TRACED[layer]
+
+
+def _pool_call(layer, x):
+    return max_pool(tf.cast(x, layer.compute_dtype), layer.rate)
+
+
+def max_pool(x, rate):
+    """DilatedMaxPool3D's output (its 3×3×3 max, taps `rate` apart, valid) in TensorFlow's
+    pooling kernels: one max_pool3d for rate 1; for rate r, a 1D max-pool along each axis in
+    turn, the axis folded as (n / r, r) so the taps r apart are neighbours on the first (a
+    reshape, no copy: the axis is padded to a multiple of r first where needed, and the
+    padded outputs cut). The layer's separable slices-and-maxima take 2-3x longer (a slab
+    of 40 planes at paper widths, bf16: rate 1 89-105 -> 36-41 ms, rate 2 140-219 -> 79 ms)."""
+    if rate == 1:
+        return tf.nn.max_pool3d(x, 3, 1, "VALID")
+    static = x.shape
+    for axis in (1, 2, 3):   # dynamic shapes: traces are shape-relaxed across cases (`_traced`)
+        n = tf.shape(x)[axis]
+        pad = -n % rate
+        x = tf.pad(x, tf.stack([tf.zeros(5, tf.int32), tf.one_hot(axis, 5, dtype=tf.int32) * pad], axis=1))
+        shape = tf.shape(x)
+        folded = tf.reshape(x, tf.stack([tf.reduce_prod(shape[:axis]), (n + pad) // rate, 1, 1,
+                                         rate * tf.reduce_prod(shape[axis + 1:])]))
+        pooled = tf.nn.max_pool3d(folded, [1, 3, 1, 1, 1], 1, "VALID")
+        x = tf.reshape(pooled, tf.concat([shape[:axis], [n + pad - 2 * rate], shape[axis + 1:]], 0))
+        x = tf.slice(x, tf.zeros(5, tf.int32), tf.tensor_scatter_nd_update(-tf.ones(5, tf.int32), [[axis]], [n - 2 * rate]))
+    return tf.ensure_shape(x, [static[0]] + [None if d is None else d - 2 * rate for d in static[1:4]] + [static[4]])
+
+
+def _slab_plan(in_shape, itemsize, halo, block):
+    """(output slab thickness, slab starts along X) of a pool over an input of `in_shape`
+    (1, X, Y, Z, C): slabs of about two blocks' output voxels, blocks of at most 64³ (~12
+    planes of the real case: thinner slabs read their halo planes again too often, thicker
+    ones raise the run's peak memory, and a larger block side helps the convolutions, not
+    the pools); starts on multiples that keep a slab's view on TensorFlow's alignment where
+    the plane size allows, the last one moved back to end at the end."""
+    out_shape = [n - h for n, h in zip(in_shape[1:4], halo)]
+    aligned_every = TENSOR_ALIGNMENT // math.gcd(TENSOR_ALIGNMENT, math.prod(in_shape[2:]) * itemsize)
+    voxels = 2 * min(block, 64) ** 3
+    thickness = max(1, math.ceil(voxels / (out_shape[1] * out_shape[2]) / aligned_every)) * aligned_every
+    thickness = min(out_shape[0], thickness)
+    starts = list(range(0, out_shape[0] - thickness + 1, thickness))
+    if starts[-1] + thickness < out_shape[0]:
+        starts.append(out_shape[0] - thickness)
+    return thickness, starts
+
+
+def _write_slab(out, start, result):
+    _copyable(out)[:, start:start + result.shape[1]] = _copyable(result)
+
+
 def _input_block(x, lattice, start, sides, halo, block):
     """Fills `block` (1, sides + halo, C) with the input of the output block at `start` on a
-    phase lattice of `x`, zero-padded where it runs past the end; returns it."""
-    piece = _copyable(x)[lattice][:, start[0]:start[0] + sides[0] + halo[0],
-                                  start[1]:start[1] + sides[1] + halo[1], start[2]:start[2] + sides[2] + halo[2]]
+    phase lattice of `x` (an array, or ChannelParts: each part into its channels), zero-padded
+    where it runs past the end; returns it."""
     target = _copyable(block)
-    target[:, :piece.shape[1], :piece.shape[2], :piece.shape[3]] = piece
+    channel = 0
+    for part in (x.parts if isinstance(x, ChannelParts) else [x]):
+        piece = _copyable(part)[lattice][:, start[0]:start[0] + sides[0] + halo[0],
+                                         start[1]:start[1] + sides[1] + halo[1], start[2]:start[2] + sides[2] + halo[2]]
+        target[:, :piece.shape[1], :piece.shape[2], :piece.shape[3], channel:channel + piece.shape[-1]] = piece
+        channel += piece.shape[-1]
     for axis in (1, 2, 3):   # a last block past the end: the rest zero (it held an earlier block)
         if piece.shape[axis] < target.shape[axis]:
             target[(slice(None),) * axis + (slice(piece.shape[axis], None),)] = 0
