@@ -296,3 +296,10 @@ def test_layerwise_concatenations_are_never_made_whole():
             expected = layerwise._input_block(whole, lattice, start, (3, 3, 3), (2, 2, 2), np.full((1, 5, 5, 5, 5), 7, dtype))
             np.testing.assert_array_equal(cut, expected)
         assert np.array_equal(layerwise._materialized(layerwise.ChannelParts(parts)), whole)
+    # a concatenation along a spatial axis takes the parts' concatenated array, not the parts
+    rng = np.random.default_rng(2)
+    first, second, third = (rng.normal(size=(1, 3, 4, 5, c)).astype(np.float32) for c in (2, 2, 4))
+    along_x = keras.layers.Concatenate(axis=1)
+    along_x([keras.Input((3, 4, 5, 4)), keras.Input((3, 4, 5, 4))])
+    joined = layerwise._apply(along_x, [layerwise.ChannelParts([first, second]), third], 8, None)
+    np.testing.assert_array_equal(joined, np.concatenate([np.concatenate([first, second], -1), third], 1))

@@ -278,11 +278,11 @@ def _materialized(value):
 
 def _apply(layer, arrays, block, on_block):
     if isinstance(layer, keras.layers.Concatenate):
-        parts = [part for value in arrays for part in (value.parts if isinstance(value, ChannelParts) else [value])]
-        if _left_unmade(layer) and len({p.dtype for p in parts}) == 1:
-            return ChannelParts(parts)
-        return np.concatenate([_materialized(p) for p in parts], axis=layer.axis)
-    if _halo(layer) is None or isinstance(layer, keras.layers.Cropping3D):
+        if _left_unmade(layer) and len({value.dtype for value in arrays}) == 1:
+            return ChannelParts([part for value in arrays
+                                 for part in (value.parts if isinstance(value, ChannelParts) else [value])])
+        return np.concatenate([_materialized(value) for value in arrays], axis=layer.axis)
+    if _halo(layer) is None:   # crops and per-voxel layers take the array
         arrays = [_materialized(x) for x in arrays]
     if isinstance(layer, keras.layers.Cropping3D):
         (x,) = arrays
